@@ -1,0 +1,159 @@
+"""The daemon's lifecycle, uvicorn-style: one config, startup, serve, ordered graceful shutdown.
+
+Startup: lock the data dir, open the store, resume active jobs, serve the device API on TCP and the
+control API on the Unix socket, write ``run.json``, log one ready line, tell systemd.
+Shutdown (SIGTERM/SIGINT set an event): stop accepting, let in-flight requests finish (uploads are
+durable before their answer), stop the round engines, close the store, remove the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import IO
+
+from aiohttp import web
+
+from fedscaled import __version__
+from fedscaled.ctl import unix_socket
+from fedscaled.ctl.api import build_control_app
+from fedscaled.daemon import systemd
+from fedscaled.daemon.config import DaemonConfig
+from fedscaled.errors import FedError
+from fedscaled.jobs.engine import Engine
+from fedscaled.jobs.joblog import JobLog
+from fedscaled.jobs.registry import JobRegistry
+from fedscaled.server.app import build_device_app
+from fedscaled.store.lmdb_store import Store, open_store
+
+log = logging.getLogger("fedscaled")
+
+
+class DataDirLocked(FedError):
+    code = "data_dir_locked"
+    status = 409
+    description = "Another daemon already uses this data directory."
+
+
+class Daemon:
+    """One running daemon. Build with a config, then ``await run()``."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.stop_requested = asyncio.Event()
+        self.store: Store | None = None
+        self.engine: Engine | None = None
+        self.device_port: int | None = None
+        self._lock_file: IO[str] | None = None
+        self._device_runner: web.AppRunner | None = None
+        self._control_runner: web.AppRunner | None = None
+        self._control_sock: socket.socket | None = None
+
+    def request_stop(self) -> None:
+        """Ask the daemon to shut down (signal handlers call this)."""
+        self.stop_requested.set()
+
+    async def run(self) -> None:
+        """Start, serve until a stop is requested, shut down."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.startup()
+            await self.stop_requested.wait()
+        finally:
+            await self.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def startup(self) -> None:
+        """Open everything and begin serving."""
+        started = time.monotonic()
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_data_dir()
+        self.store = open_store(config.data_dir)
+        registry = JobRegistry(self.store, JobLog(self.store))
+        self.engine = Engine(registry, max_pending_checkins=config.max_pending_checkins)
+        await self.engine.start()
+
+        self._control_sock = unix_socket.bind(config.socket_path, config.socket_group)
+        self._control_runner = web.AppRunner(build_control_app(registry), handle_signals=False,
+                                             shutdown_timeout=config.shutdown_timeout, access_log=None)
+        await self._control_runner.setup()
+        await web.SockSite(self._control_runner, self._control_sock).start()
+
+        self._device_runner = web.AppRunner(build_device_app(self.engine), handle_signals=False,
+                                            shutdown_timeout=config.shutdown_timeout, access_log=None)
+        await self._device_runner.setup()
+        site = web.TCPSite(self._device_runner, config.listen_host, config.listen_port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.device_port = sockets[0].getsockname()[1] if sockets else config.listen_port
+        self._write_run_info()
+        log.info("fedscaled %s ready in %.2fs: devices on http://%s:%d, control socket %s, data dir %s",
+                 __version__, time.monotonic() - started, config.listen_host, self.device_port,
+                 config.socket_path, config.data_dir)
+        systemd.notify("READY=1\nSTATUS=serving")
+
+    def _lock_data_dir(self) -> None:
+        path = self.config.data_dir / "daemon.lock"
+        handle = open(path, "a+")  # noqa: SIM115 (held for the daemon's lifetime)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise DataDirLocked(f"another fedscaled daemon uses the data dir {self.config.data_dir}") from None
+        self._lock_file = handle
+
+    def _write_run_info(self) -> None:
+        info = {"pid": os.getpid(), "host": self.config.listen_host, "port": self.device_port,
+                "socket": str(self.config.socket_path), "version": __version__}
+        path = self.config.data_dir / "run.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(path)
+
+    async def shutdown(self) -> None:
+        """Ordered shutdown; safe to call after a failed startup."""
+        systemd.notify("STOPPING=1")
+        began = time.monotonic()
+        if self.engine is not None:
+            self.engine.begin_shutdown()  # wakes held check-ins with "come back later"
+        for runner in (self._device_runner, self._control_runner):
+            if runner is not None:
+                await runner.cleanup()
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.store is not None:
+            self.store.close()
+        if self._control_sock is not None:
+            unix_socket.remove(self.config.socket_path, self._control_sock)
+        with contextlib.suppress(FileNotFoundError):
+            (self.config.data_dir / "run.json").unlink()
+        if self._lock_file is not None:
+            self._lock_file.close()
+        if self.store is not None:
+            log.info("fedscaled stopped cleanly in %.2fs", time.monotonic() - began)
+
+
+def run_daemon(config: DaemonConfig) -> None:
+    """Run the daemon in this process until SIGTERM/SIGINT."""
+    asyncio.run(Daemon(config).run())
+
+
+def runtime_info(data_dir: Path) -> dict[str, object] | None:
+    """The running daemon's ``run.json`` (pid, port, socket), if any."""
+    try:
+        return dict(json.loads((data_dir / "run.json").read_text()))
+    except (OSError, ValueError):
+        return None

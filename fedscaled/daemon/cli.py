@@ -1,0 +1,83 @@
+"""``fedscaled``: the daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fedscaled import __version__
+from fedscaled.errors import EXIT_FAILURE, EXIT_USAGE, FedError, InvalidConfig
+
+DESCRIPTION = """\
+fedscaled — federated-learning aggregation daemon.
+
+Devices (phones, the simulator) talk HTTP to --listen; operators use `fedscalectl` over the
+Unix control socket. Every option can also be set as an environment variable FEDSCALED_<NAME>
+(e.g. FEDSCALED_DATA_DIR) or in a YAML file given with --config (keys: data_dir, listen,
+control_socket, socket_group, log_level, shutdown_timeout, max_pending_checkins). Precedence:
+flags > environment > config file > defaults.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to render docs/cli.md)."""
+    parser = argparse.ArgumentParser(prog="fedscaled", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fedscaled {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    start = sub.add_parser("start", help="run the daemon in the foreground (Ctrl-C or SIGTERM stops it)",
+                           description="Run the daemon in the foreground until SIGTERM or Ctrl-C.")
+    start.add_argument("--config", type=Path, metavar="FILE", help="daemon config YAML (env FEDSCALED_CONFIG)")
+    start.add_argument("--data-dir", metavar="DIR",
+                       help="state directory holding the LMDB store (default: $STATE_DIRECTORY under "
+                            "systemd, i.e. /var/lib/fedscaled; else ~/.local/state/fedscaled)")
+    start.add_argument("--listen", metavar="HOST:PORT",
+                       help="address for devices (default 0.0.0.0:29500, FedScale's port; port 0 picks a "
+                            "free one, written to DATA_DIR/run.json)")
+    start.add_argument("--control-socket", metavar="PATH",
+                       help="Unix socket for fedscalectl (default $RUNTIME_DIRECTORY/control.sock under "
+                            "systemd, else DATA_DIR/control.sock); mode 0600")
+    start.add_argument("--socket-group", metavar="GROUP",
+                       help="make the control socket 0660 and owned by this group")
+    start.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                       help="log verbosity (default info)")
+    start.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                       help="longest wait for in-flight requests at shutdown (default 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fedscaled``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "start":
+        parser.print_help()
+        return EXIT_USAGE
+    # Imported here so that `fedscaled --help` stays fast (jax loads with the daemon).
+    from fedscaled.daemon.app import run_daemon
+    from fedscaled.daemon.config import load_config
+
+    flags = {"data_dir": args.data_dir, "listen": args.listen, "control_socket": args.control_socket,
+             "socket_group": args.socket_group, "log_level": args.log_level,
+             "shutdown_timeout": args.shutdown_timeout}
+    try:
+        config = load_config({k: v for k, v in flags.items() if v is not None}, args.config)
+    except InvalidConfig as exc:
+        print(f"fedscaled: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_daemon(config)
+    except FedError as exc:
+        print(f"fedscaled: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The job registry: submit, stop, status and logs of jobs kept in the store.
+
+Job records live in the ``jobs`` database as JSON; every state change is committed together with
+the log event that describes it. The round engine (:mod:`fedscaled.daemon.runner`) drives running jobs
+through this registry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fedscaled.core.config import JobConfig, parse_job_text
+from fedscaled.errors import JobExists, JobNotActive, JobNotFound
+from fedscaled.jobs.joblog import JobLog, event_prefix
+from fedscaled.store.lmdb_store import SEP, Store, WriteBatch, key
+
+ACTIVE_STATES = ("pending", "running")
+ENDED_STATES = ("finished", "stopped", "failed")
+
+# Per-job databases whose keys start with ``job\0``: wiped when a job is replaced.
+JOB_SCOPED_DBS = ("events", "models", "devices", "tasks", "updates")
+
+
+class JobRegistry:
+    """Jobs in the store, with their logs. All methods run on the event loop thread."""
+
+    def __init__(self, store: Store, log: JobLog) -> None:
+        self.store = store
+        self.log = log
+        # Called with (config, batch) at submit so the round engine can add the initial model.
+        self.on_submit: Callable[[JobConfig, WriteBatch], None] | None = None
+
+    # ----- reads
+    def get(self, name: str) -> dict[str, Any]:
+        """The job record, or JobNotFound."""
+        record = self.store.get_json("jobs", key(name))
+        if record is None:
+            raise JobNotFound(f"no job named {name!r}", job=name)
+        return dict(record)
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every job record, by name."""
+        return [self.store.get_json("jobs", k) for k in self.store.scan_keys("jobs", b"")]
+
+    def config(self, name: str) -> JobConfig:
+        """The job's validated config."""
+        return JobConfig.from_record(self.get(name)["config"])
+
+    # ----- changes
+    async def submit(self, text: str, *, replace: bool = False, source: str = "") -> dict[str, Any]:
+        """Validate a job file and store the job as ``pending``. Raises InvalidConfig, JobExists."""
+        config = parse_job_text(text)
+        existing = self.store.get_json("jobs", key(config.name))
+        batch = WriteBatch()
+        if existing is not None:
+            if existing["state"] in ACTIVE_STATES:
+                raise JobExists(f"job {config.name!r} exists and is {existing['state']}; stop it first",
+                                job=config.name)
+            if not replace:
+                raise JobExists(f"job {config.name!r} exists ({existing['state']}); use --replace to submit "
+                                f"it again", job=config.name)
+            for db in JOB_SCOPED_DBS:
+                batch.delete_prefix(db, key(config.name) + SEP)
+            self._delete_tokens(batch, config.name)
+            self.log.forget(config.name)
+        now = time.time()
+        record: dict[str, Any] = {
+            "name": config.name,
+            "state": "pending",
+            "mode": config.mode,
+            "created_at": now,
+            "updated_at": now,
+            "ended_at": None,
+            "round": 0,
+            "rounds": config["rounds"],
+            "model_version": 0,
+            "round_attempt": 0,
+            "metrics": [],
+            "reason": "",
+            "enrollment_token": config["enrollment_token"],
+            "source": source,
+            "config": config.to_record(),
+        }
+        batch.put_json("jobs", key(config.name), record)
+        if self.on_submit is not None:
+            self.on_submit(config, batch)
+        where = f" from {source}" if source else ""
+        self.log.add(batch, config.name, f"Job {config.name} submitted{where}: model {config['model']}, "
+                     f"{config['rounds']} rounds, {config['num_participants']} participants per round, "
+                     f"mode {config.mode}")
+        if config.ignored:
+            self.log.add(batch, config.name, "Ignored keys (FedScale launcher or simulator settings): "
+                         + ", ".join(config.ignored), level="WARNING")
+        await self.store.commit(batch)
+        self.log.notify(config.name)
+        return record
+
+    def _delete_tokens(self, batch: WriteBatch, name: str) -> None:
+        for _, raw in self.store.scan("devices", key(name) + SEP):
+            device = json.loads(raw)
+            batch.delete("tokens", bytes.fromhex(device["token_hash"]))
+
+    async def update(self, name: str, changes: dict[str, Any], message: str | None = None,
+                     level: str = "INFO", batch: WriteBatch | None = None, **fields: Any) -> dict[str, Any]:
+        """Apply ``changes`` to the job record (and log ``message``) in one durable commit."""
+        record = self.get(name)
+        record.update(changes)
+        record["updated_at"] = time.time()
+        batch = batch if batch is not None else WriteBatch()
+        batch.put_json("jobs", key(name), record)
+        if message is not None:
+            self.log.add(batch, name, message, level, **fields)
+        await self.store.commit(batch)
+        self.log.notify(name)
+        return record
+
+    async def end(self, name: str, state: str, reason: str, level: str = "INFO") -> dict[str, Any]:
+        """Move an active job to an ended state."""
+        record = self.get(name)
+        if record["state"] not in ACTIVE_STATES:
+            raise JobNotActive(f"job {name!r} is already {record['state']}", job=name, state=record["state"])
+        return await self.update(name, {"state": state, "reason": reason, "ended_at": time.time()},
+                                 f"Job {name} {state}: {reason}", level=level, state=state)
+
+    async def stop(self, name: str) -> dict[str, Any]:
+        """Stop an active job (operator request)."""
+        return await self.end(name, "stopped", "stopped by the operator")
+
+    def events(self, name: str, since: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """The job's log events after ``since``."""
+        self.get(name)
+        return self.log.read(name, since, limit)
+
+    def has_events(self, name: str) -> bool:
+        """Whether the job has any log event (used by tests of replace)."""
+        return bool(self.store.scan_keys("events", event_prefix(name)))
+
+
+def status_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The public view of a job record (``fedscalectl status JOB --json``)."""
+    config = record["config"]["values"]
+    return {
+        "name": record["name"],
+        "state": record["state"],
+        "mode": record["mode"],
+        "round": record["round"],
+        "rounds": record["rounds"],
+        "model_version": record["model_version"],
+        "created_at": record["created_at"],
+        "updated_at": record["updated_at"],
+        "ended_at": record["ended_at"],
+        "reason": record["reason"],
+        "model": config["model"],
+        "input_shape": config["input_shape"],
+        "num_classes": config["num_classes"],
+        "num_participants": config["num_participants"],
+        "enrollment_token": record["enrollment_token"],
+        "ignored_keys": record["config"]["ignored"],
+        "metrics": record["metrics"],
+        "config": config,
+    }

@@ -1,0 +1,249 @@
+"""The LMDB store: the only module that opens LMDB.
+
+It stores bytes and small JSON records; it knows nothing of rounds or aggregation. Layout (named
+databases, keys are bytes):
+
+=========  ==================================  =========================================
+database   key                                 value
+=========  ==================================  =========================================
+meta       ``schema_version``                  ``b"1"``
+jobs       job name                            job record (JSON)
+events     job ``\\0`` seq (u64 BE)              event record (JSON)
+models     job ``\\0`` version (u64 BE)          model weights (safetensors bytes)
+devices    job ``\\0`` device id                 device record (JSON; token stored hashed)
+tokens     token hash                          job ``\\0`` device id
+tasks      job ``\\0`` task id                   task record (JSON)
+updates    job ``\\0`` round (u64 BE) task id    accepted update: raw little-endian float32
+=========  ==================================  =========================================
+
+Every write goes through :meth:`Store.commit`, one synced transaction, on one writer thread (LMDB write
+transactions must stay on one OS thread). ``MapFullError`` grows the map and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from fedscaled.errors import StoreError
+
+SCHEMA_VERSION = 1
+DATABASES = ("meta", "jobs", "events", "models", "devices", "tokens", "tasks", "updates")
+INITIAL_MAP_SIZE = 1 << 30  # 1 GiB: sparse on Linux, grows on demand
+SEP = b"\0"
+
+
+def u64(n: int) -> bytes:
+    """Big-endian u64, so that LMDB's byte order is numeric order."""
+    return struct.pack(">Q", n)
+
+
+def key(*parts: str | int | bytes) -> bytes:
+    """A composite key: strings and bytes joined by NUL, integers as big-endian u64."""
+    out = bytearray()
+    for index, part in enumerate(parts):
+        if index and not isinstance(parts[index - 1], int):
+            out += SEP
+        if isinstance(part, int):
+            out += u64(part)
+        elif isinstance(part, str):
+            out += part.encode()
+        else:
+            out += part
+    return bytes(out)
+
+
+def dump_json(record: Any) -> bytes:
+    """Compact JSON bytes for a record."""
+    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+
+
+@dataclass
+class WriteBatch:
+    """Puts and deletes applied atomically by :meth:`Store.commit`."""
+
+    ops: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)
+    delete_prefixes: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def put(self, db: str, k: bytes, value: bytes) -> WriteBatch:
+        """Store ``value`` under ``k`` in database ``db``."""
+        self.ops.append((db, k, value))
+        return self
+
+    def put_json(self, db: str, k: bytes, record: Any) -> WriteBatch:
+        """Store a JSON record."""
+        return self.put(db, k, dump_json(record))
+
+    def delete(self, db: str, k: bytes) -> WriteBatch:
+        """Delete ``k`` (no error if absent)."""
+        self.ops.append((db, k, None))
+        return self
+
+    def delete_prefix(self, db: str, prefix: bytes) -> WriteBatch:
+        """Delete every key starting with ``prefix`` (applied before the puts)."""
+        self.delete_prefixes.append((db, prefix))
+        return self
+
+
+class Store:
+    """An LMDB environment with named databases, one writer thread and synced commits."""
+
+    def __init__(self, path: Path, *, map_size: int = INITIAL_MAP_SIZE, sync: bool = True) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        try:
+            self._env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DATABASES) + 2, sync=sync,
+                                  metasync=sync, readahead=False, max_readers=256)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the store at {path}: {exc}") from exc
+        self._dbs = {name: self._env.open_db(name.encode()) for name in DATABASES}
+        # Readers hold this shared-ish lock only to exclude a concurrent map resize (set_mapsize must
+        # not run while a transaction of this process is open).
+        self._resize_lock = threading.RLock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-writer")
+        self._check_schema()
+
+    # ----- lifecycle
+    def close(self) -> None:
+        """Finish queued writes and close the environment."""
+        self._writer.shutdown(wait=True)
+        self._env.close()
+
+    def _check_schema(self) -> None:
+        with self._env.begin(db=self._dbs["meta"]) as txn:
+            found = txn.get(b"schema_version")
+        if found is None:
+            self.commit_sync(WriteBatch().put("meta", b"schema_version", str(SCHEMA_VERSION).encode()))
+        elif int(found) != SCHEMA_VERSION:
+            raise StoreError(f"store at {self.path} has schema version {int(found)}, this daemon reads "
+                             f"{SCHEMA_VERSION}")
+
+    # ----- writes
+    def commit_sync(self, batch: WriteBatch) -> None:
+        """Apply ``batch`` in one synced transaction on the writer thread; wait for it."""
+        self._writer.submit(self._apply_growing, batch).result()
+
+    async def commit(self, batch: WriteBatch) -> None:
+        """Apply ``batch`` durably; returns after the data is synced to disk."""
+        await asyncio.wrap_future(self._writer.submit(self._apply_growing, batch))
+
+    def _apply_growing(self, batch: WriteBatch) -> None:
+        while True:
+            try:
+                self._apply(batch)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.Error as exc:
+                raise StoreError(f"store write failed: {exc}") from exc
+
+    def _apply(self, batch: WriteBatch) -> None:
+        with self._env.begin(write=True) as txn:
+            for db_name, prefix in batch.delete_prefixes:
+                db = self._dbs[db_name]
+                cursor = txn.cursor(db=db)
+                if cursor.set_range(prefix):
+                    while cursor.key().startswith(prefix):
+                        if not cursor.delete():
+                            break
+            for db_name, k, value in batch.ops:
+                db = self._dbs[db_name]
+                if value is None:
+                    txn.delete(k, db=db)
+                else:
+                    txn.put(k, value, db=db)
+
+    def _grow(self) -> None:
+        with self._resize_lock:
+            current = self._env.info()["map_size"]
+            self._env.set_mapsize(current * 2)
+
+    @property
+    def map_size(self) -> int:
+        """The current LMDB map size in bytes."""
+        return int(self._env.info()["map_size"])
+
+    # ----- reads (any thread; short transactions)
+    def get(self, db: str, k: bytes) -> bytes | None:
+        """The value of ``k`` in ``db`` (a copy), or None."""
+        with self._resize_lock, self._env.begin(db=self._dbs[db]) as txn:
+            value = txn.get(k)
+            return bytes(value) if value is not None else None
+
+    def get_json(self, db: str, k: bytes) -> Any:
+        """A JSON record, or None."""
+        raw = self.get(db, k)
+        return json.loads(raw) if raw is not None else None
+
+    def get_into(self, db: str, k: bytes, out: memoryview) -> bool:
+        """Copy the value of ``k`` into ``out`` (exact size) without an intermediate copy."""
+        with self._resize_lock, self._env.begin(db=self._dbs[db], buffers=True) as txn:
+            value = txn.get(k)
+            if value is None:
+                return False
+            if len(value) != len(out):
+                raise StoreError(f"stored value has {len(value)} bytes, expected {len(out)}")
+            out[:] = value
+            return True
+
+    def scan(self, db: str, prefix: bytes, *, start: bytes | None = None, limit: int | None = None
+             ) -> list[tuple[bytes, bytes]]:
+        """Key/value copies whose key starts with ``prefix``, from ``start`` (inclusive) on."""
+        found: list[tuple[bytes, bytes]] = []
+        with self._resize_lock, self._env.begin(db=self._dbs[db]) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(start if start is not None else prefix):
+                return found
+            for k, v in cursor:
+                if not k.startswith(prefix) or (limit is not None and len(found) >= limit):
+                    break
+                found.append((bytes(k), bytes(v)))
+        return found
+
+    def scan_keys(self, db: str, prefix: bytes) -> list[bytes]:
+        """Keys starting with ``prefix``."""
+        keys: list[bytes] = []
+        with self._resize_lock, self._env.begin(db=self._dbs[db]) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for k in cursor.iternext(keys=True, values=False):
+                    if not k.startswith(prefix):
+                        break
+                    keys.append(bytes(k))
+        return keys
+
+    def iter_values_into(self, db: str, prefix: bytes, out: memoryview) -> Iterator[bytes]:
+        """For each key under ``prefix``, copy its value into ``out`` and yield the key.
+
+        The read transaction stays open between yields, so consume promptly; ``out`` is reused.
+        """
+        for k in self.scan_keys(db, prefix):
+            if self.get_into(db, k, out):
+                yield k
+
+    def count(self, db: str, prefix: bytes) -> int:
+        """Number of keys under ``prefix``."""
+        return len(self.scan_keys(db, prefix))
+
+    def stat(self) -> dict[str, int]:
+        """Entries per database and the map size, for status and metrics."""
+        out: dict[str, int] = {"map_size": self.map_size}
+        with self._resize_lock, self._env.begin() as txn:
+            for name, db in self._dbs.items():
+                out[name] = int(txn.stat(db)["entries"])
+        return out
+
+
+def open_store(data_dir: Path, *, sync: bool = True) -> Store:
+    """Open (or create) the store under ``data_dir/store``."""
+    return Store(Path(os.fspath(data_dir)) / "store", sync=sync)

@@ -1,0 +1,86 @@
+"""FedScale job-file parsing and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedscaled.core.config import JOB_KEYS, JobConfig, nearest_key, parse_job_text
+from fedscaled.errors import InvalidConfig
+
+
+def parse(body: str) -> JobConfig:
+    return parse_job_text("job_conf:\n" + body)
+
+
+def test_defaults_follow_fedscale() -> None:
+    config = parse("  - job_name: x\n")
+    assert config["rounds"] == 50
+    assert config["num_participants"] == 4
+    assert config["overcommitment"] == 1.3
+    assert config["learning_rate"] == 0.05
+    assert config["decay_factor"] == 0.98
+    assert config["eval_interval"] == 5
+    assert config["filter_less"] == 32
+    assert config.selected_per_round == 5
+    assert config.min_participants == 2
+
+
+def test_plain_mapping_and_shape_parsing() -> None:
+    config = parse_job_text("job_conf:\n  job_name: y\n  input_shape: 32 32 3\n  filter_more: 1e15\n")
+    assert config["input_shape"] == (32, 32, 3)
+    assert config["filter_more"] == 10**15
+    assert JobConfig.from_record(config.to_record()) == config
+
+
+def test_async_mode_from_aggregator_entry() -> None:
+    config = parse_job_text("aggregator_entry: aggregation/async_aggregator.py\njob_conf:\n  - job_name: z\n")
+    assert config.mode == "async"
+    assert "aggregator_entry" in config.ignored
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("  - rounds: 0\n", "rounds must be a positive integer, got 0"),
+    ("  - rounds: 2.5\n", "rounds must be an integer, got 2.5"),
+    ("  - overcommitment: 0.5\n", "overcommitment must be at least 1, got 0.5"),
+    ("  - model: resnet\n", "model must be one of linear, mlp, cnn, got 'resnet'"),
+    ("  - require_charging: maybe\n", "require_charging must be true or false"),
+    ("  - job_name: 'bad name'\n", "job_name must be"),
+    ("  - rounds: 3\n  - rounds: 4\n", "given twice"),
+    ("  - [1, 2]\n", "single-key map"),
+    ("  - learning_rate: .nan\n", "learning_rate must be a finite number"),
+    ("  - filter_less: 10\n  - filter_more: 5\n", "filter_more (5) must not be below filter_less (10)"),
+])
+def test_rejections_name_the_problem(body: str, message: str) -> None:
+    with pytest.raises(InvalidConfig) as info:
+        parse(body)
+    assert message in info.value.message
+
+
+def test_unknown_keys_suggest_nearest() -> None:
+    with pytest.raises(InvalidConfig, match=r"'learn_rate' \(did you mean learning_rate\?\)"):
+        parse("  - learn_rate: 0.1\n")
+    with pytest.raises(InvalidConfig, match="unknown top-level key 'ps_ipp'"):
+        parse_job_text("ps_ipp: x\njob_conf:\n  - job_name: q\n")
+    assert nearest_key("num_participant") == "num_participants"
+    assert nearest_key("zzzzzzzz") is None
+
+
+@pytest.mark.parametrize("text", ["", "- a\n- b\n", "job_conf: 3\n", "rounds: 3\n"])
+def test_not_a_job_file(text: str) -> None:
+    with pytest.raises(InvalidConfig):
+        parse_job_text(text)
+
+
+def test_enrollment_token_generated_unless_given() -> None:
+    a, b = parse("  - job_name: x\n"), parse("  - job_name: x\n")
+    assert a["enrollment_token"] != b["enrollment_token"]
+    assert parse("  - enrollment_token: s3cret\n")["enrollment_token"] == "s3cret"
+
+
+def test_vars_are_not_expanded() -> None:
+    config = parse_job_text("exp_path: $HOME/x\njob_conf:\n  - log_path: $FEDSCALE_HOME/b\n")
+    assert config["log_path"] == "$FEDSCALE_HOME/b"
+
+
+def test_every_key_has_a_doc() -> None:
+    assert all(spec.doc for spec in JOB_KEYS.values())
