@@ -101,6 +101,12 @@ JOB_KEYS: dict[str, KeySpec] = {
     "filter_more": _k("int", 10**15, "Devices with more local samples are not selected.", minimum=0),
     "checkin_wait": _k("float", 20.0, "Longest a check-in waits for a round to open before 'come back later'.",
                        minimum=0.0),
+    "selection_window": _k("float", 5.0, "Seconds the pool of waiting devices gathers before a round opens with "
+                           "fewer devices than it would select (but at least min_participants).", minimum=0.0),
+    "retry_min": _k("float", 5.0, "Shortest retry window (seconds) sent to devices told to come back later.",
+                    minimum=0.0),
+    "retry_max": _k("float", 60.0, "Longest retry window (seconds) sent to devices told to come back later.",
+                    minimum=0.0),
     # --- device eligibility (defaults a phone user wants: train only on the charger, on Wi-Fi)
     "require_charging": _k("bool", True, "Only devices that are charging are selected."),
     "require_idle": _k("bool", False, "Only devices that report idle are selected."),
@@ -429,6 +435,9 @@ def _check_cross_fields(values: dict[str, Any]) -> None:
         raise InvalidConfig(
             f"filter_more ({values['filter_more']}) must not be below filter_less ({values['filter_less']})",
             key="filter_more")
+    if values["retry_max"] < values["retry_min"]:
+        raise InvalidConfig(f"retry_max ({values['retry_max']}) must not be below retry_min ({values['retry_min']})",
+                            key="retry_max")
     if values["min_learning_rate"] > values["learning_rate"]:
         raise InvalidConfig(
             f"min_learning_rate ({values['min_learning_rate']}) must not exceed learning_rate "

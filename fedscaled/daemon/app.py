@@ -43,6 +43,12 @@ class DataDirLocked(FedError):
     description = "Another daemon already uses this data directory."
 
 
+class ListenFailed(FedError):
+    code = "listen_failed"
+    status = 500
+    description = "The daemon could not bind its device address (in use, or not allowed)."
+
+
 class Daemon:
     """One running daemon. Build with a config, then ``await run()``."""
 
@@ -95,7 +101,10 @@ class Daemon:
                                             shutdown_timeout=config.shutdown_timeout, access_log=None)
         await self._device_runner.setup()
         site = web.TCPSite(self._device_runner, config.listen_host, config.listen_port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenFailed(f"cannot listen on {config.listen}: {exc.strerror}") from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.device_port = sockets[0].getsockname()[1] if sockets else config.listen_port

@@ -1,24 +1,166 @@
-"""The round engine host: drives every active job's rounds (filled in by the rounds work)."""
+"""The engine: every active job's runner, plus enrollment and the device-facing operations.
+
+The device API (:mod:`fedscaled.server`) calls only this class; it finds the job's runner, checks the
+device's token, and keeps jobs independent: one job's failure ends only that job.
+"""
 
 from __future__ import annotations
 
-from fedscaled.jobs.registry import JobRegistry
+import asyncio
+import logging
+from typing import Any
+
+from fedscaled.core.config import JobConfig
+from fedscaled.core.models import ModelDef
+from fedscaled.core.rounds import DeviceStatus, Task
+from fedscaled.errors import JobNotActive, UnknownModelVersion
+from fedscaled.jobs.devices import DeviceDirectory
+from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
+from fedscaled.jobs.runner import JobRunner, initial_model_bytes, model_of
+from fedscaled.metrics import Metrics
+from fedscaled.store.lmdb_store import WriteBatch, key
+
+log = logging.getLogger("fedscaled.engine")
+
+# Room in an upload body beyond the tensor bytes: the safetensors header (names, shapes, offsets) and
+# metadata. Generous for any zoo model, small enough to refuse junk early.
+HEADER_ALLOWANCE = 64 * 1024
 
 
 class Engine:
-    """Runs the active jobs of a registry."""
+    """Runs the active jobs of a registry and serves the device operations."""
 
-    def __init__(self, registry: JobRegistry, *, max_pending_checkins: int = 20000) -> None:
+    def __init__(self, registry: JobRegistry, *, max_pending_checkins: int = 20000,
+                 metrics: Metrics | None = None) -> None:
         self.registry = registry
-        self.max_pending_checkins = max_pending_checkins
+        self.store = registry.store
+        self.devices = DeviceDirectory(self.store)
+        self.metrics = metrics or Metrics()
+        self.runners: dict[str, JobRunner] = {}
         self.shutting_down = False
+        self._pool_budget = [max_pending_checkins]
+        registry.on_submit = self._add_initial_model
+        registry.on_state_change.append(self._state_changed)
 
+    # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Resume active jobs from the store."""
+        """Resume every active job from the store."""
+        for record in self.registry.all():
+            if record["state"] in ACTIVE_STATES:
+                self._start_runner(record["name"])
+
+    def _start_runner(self, name: str) -> None:
+        runner = JobRunner(self.registry, name, self.metrics, self._pool_budget)
+        self.runners[name] = runner
+        runner.start()
 
     def begin_shutdown(self) -> None:
-        """Stop handing out work; wake held check-ins."""
+        """Stop handing out work; answer held check-ins with 'come back soon'."""
         self.shutting_down = True
+        for runner in self.runners.values():
+            runner.shutting_down = True
+            runner.release_waiters({"min": 1.0, "max": 5.0}, "shutting_down")
 
     async def stop(self) -> None:
-        """Stop every job's loop (state stays in the store)."""
+        """Stop every job's loop (their state stays in the store)."""
+        await asyncio.gather(*(runner.cancel() for runner in self.runners.values()))
+        self.runners.clear()
+
+    def _add_initial_model(self, config: JobConfig, batch: WriteBatch) -> None:
+        batch.put("models", key(config.name, 0), initial_model_bytes(config))
+
+    def _state_changed(self, name: str, record: dict[str, Any]) -> None:
+        runner = self.runners.get(name)
+        if record["state"] in ACTIVE_STATES:
+            if runner is not None:  # replaced job: drop the old runner's state
+                asyncio.get_running_loop().create_task(runner.cancel())
+            self.devices.forget_job(name)
+            if not self.shutting_down:
+                self._start_runner(name)
+        elif runner is not None:
+            runner.ended(record["state"])
+            self.runners.pop(name, None)
+
+    # ------------------------------------------------------------------ lookups
+    def job_config(self, job: str) -> JobConfig:
+        """The job's config, or JobNotFound."""
+        return self.registry.config(job)
+
+    def runner(self, job: str) -> JobRunner:
+        """The runner of an active job; JobNotFound or JobNotActive otherwise."""
+        runner = self.runners.get(job)
+        if runner is None:
+            record = self.registry.get(job)  # raises JobNotFound
+            raise JobNotActive(f"job {job} is {record['state']}", job=job, state=record["state"])
+        return runner
+
+    def model_def(self, job: str) -> ModelDef:
+        """The zoo model of a job."""
+        runner = self.runners.get(job)
+        return runner.model if runner is not None else model_of(self.job_config(job))
+
+    def max_upload_bytes(self, job: str) -> int:
+        """Largest accepted upload body for the job's model."""
+        return self.model_def(job).num_params * 4 + HEADER_ALLOWANCE
+
+    # ------------------------------------------------------------------ device operations
+    async def enroll(self, job: str, enrollment_token: Any, device_info: Any) -> dict[str, Any]:
+        """Enroll a device in an active job."""
+        record = self.registry.get(job)
+        if record["state"] not in ACTIVE_STATES:
+            raise JobNotActive(f"job {job} is {record['state']}; it takes no new devices", job=job,
+                               state=record["state"])
+        batch, device_id, token = self.devices.enroll_batch(job, record["enrollment_token"], enrollment_token,
+                                                            device_info)
+        await self.store.commit(batch)
+        self.devices.committed(batch)
+        return {"device_id": device_id, "token": token, "job": job}
+
+    def authenticate(self, job: str, authorization: str | None) -> str:
+        """The device id of a bearer token of ``job``."""
+        self.registry.get(job)  # unknown job: 404 before 401
+        return self.devices.authenticate(job, authorization)
+
+    async def checkin(self, job: str, device_id: str, status: DeviceStatus) -> dict[str, Any]:
+        """A device's check-in; ended jobs answer 'done'."""
+        runner = self.runners.get(job)
+        if runner is None:
+            record = self.registry.get(job)
+            answer = {"action": "done", "state": record["state"]}
+        else:
+            answer = await runner.checkin(device_id, status)
+        self.metrics.checkins.labels(job, answer["action"]).inc()
+        return answer
+
+    def model_info(self, job: str) -> dict[str, Any]:
+        """The job's model description for devices."""
+        record = self.registry.get(job)
+        model = self.model_def(job)
+        return {"job": job, "model": model.name, "input_shape": list(model.input_shape),
+                "num_classes": model.num_classes, "latest_version": record["model_version"],
+                "num_params": model.num_params, "state": record["state"],
+                "tensors": [{"name": n, "shape": list(s), "dtype": "F32"} for n, s in model.specs]}
+
+    def model_bytes(self, job: str, version: int) -> bytes:
+        """Weights of a model version as safetensors."""
+        runner = self.runners.get(job)
+        data = runner.model_bytes(version) if runner is not None else self.store.get("models", key(job, version))
+        if data is None:
+            self.registry.get(job)
+            raise UnknownModelVersion(f"job {job} has no model version {version}", version=version)
+        return data
+
+    def reserve(self, job: str, device_id: str, task_id: str, kind: str
+                ) -> tuple[JobRunner | None, Task, dict[str, Any] | None]:
+        """Check a result may be accepted for ``task_id`` now; see :meth:`JobRunner.reserve`."""
+        runner = self.runners.get(job)
+        if runner is None:
+            # Ended job: a re-sent result still gets its earlier answer.
+            record = self.registry.get(job)
+            raw = self.store.get_json("tasks", key(job, task_id))
+            if raw is not None and raw["device_id"] == device_id and raw["done"]:
+                task = Task.from_record(raw)
+                return None, task, {"accepted": True, "task_id": task_id, "round": task.round, "duplicate": True}
+            raise JobNotActive(f"job {job} is {record['state']}", job=job, state=record["state"])
+        task, duplicate = runner.reserve(device_id, task_id, kind)
+        return runner, task, duplicate

@@ -32,6 +32,8 @@ class JobRegistry:
         self.log = log
         # Called with (config, batch) at submit so the round engine can add the initial model.
         self.on_submit: Callable[[JobConfig, WriteBatch], None] | None = None
+        # Called with (name, record) after a committed change of a job's state (submitted, ended).
+        self.on_state_change: list[Callable[[str, dict[str, Any]], None]] = []
 
     # ----- reads
     def get(self, name: str) -> dict[str, Any]:
@@ -78,6 +80,11 @@ class JobRegistry:
             "rounds": config["rounds"],
             "model_version": 0,
             "round_attempt": 0,
+            "completed_rounds": 0,
+            "tested_version": None,
+            "phase": None,
+            "phase_seq": 0,
+            "initial_test": None,
             "metrics": [],
             "reason": "",
             "enrollment_token": config["enrollment_token"],
@@ -96,6 +103,7 @@ class JobRegistry:
                          + ", ".join(config.ignored), level="WARNING")
         await self.store.commit(batch)
         self.log.notify(config.name)
+        self._changed(config.name, record)
         return record
 
     def _delete_tokens(self, batch: WriteBatch, name: str) -> None:
@@ -104,7 +112,8 @@ class JobRegistry:
             batch.delete("tokens", bytes.fromhex(device["token_hash"]))
 
     async def update(self, name: str, changes: dict[str, Any], message: str | None = None,
-                     level: str = "INFO", batch: WriteBatch | None = None, **fields: Any) -> dict[str, Any]:
+                     level: str = "INFO", batch: WriteBatch | None = None,
+                     event_fields: dict[str, Any] | None = None) -> dict[str, Any]:
         """Apply ``changes`` to the job record (and log ``message``) in one durable commit."""
         record = self.get(name)
         record.update(changes)
@@ -112,7 +121,7 @@ class JobRegistry:
         batch = batch if batch is not None else WriteBatch()
         batch.put_json("jobs", key(name), record)
         if message is not None:
-            self.log.add(batch, name, message, level, **fields)
+            self.log.add(batch, name, message, level, **(event_fields or {}))
         await self.store.commit(batch)
         self.log.notify(name)
         return record
@@ -122,8 +131,15 @@ class JobRegistry:
         record = self.get(name)
         if record["state"] not in ACTIVE_STATES:
             raise JobNotActive(f"job {name!r} is already {record['state']}", job=name, state=record["state"])
-        return await self.update(name, {"state": state, "reason": reason, "ended_at": time.time()},
-                                 f"Job {name} {state}: {reason}", level=level, state=state)
+        record = await self.update(name, {"state": state, "reason": reason, "ended_at": time.time(), "phase": None},
+                                   f"Job {name} {state}: {reason}", level=level,
+                                   event_fields={"state": state})
+        self._changed(name, record)
+        return record
+
+    def _changed(self, name: str, record: dict[str, Any]) -> None:
+        for listener in self.on_state_change:
+            listener(name, record)
 
     async def stop(self, name: str) -> dict[str, Any]:
         """Stop an active job (operator request)."""
@@ -159,6 +175,9 @@ def status_view(record: dict[str, Any]) -> dict[str, Any]:
         "num_participants": config["num_participants"],
         "enrollment_token": record["enrollment_token"],
         "ignored_keys": record["config"]["ignored"],
+        "completed_rounds": record["completed_rounds"],
+        "phase": record["phase"],
+        "initial_test": record["initial_test"],
         "metrics": record["metrics"],
         "config": config,
     }

@@ -1,14 +1,43 @@
-"""The device-facing HTTP application."""
+"""The device-facing HTTP application (protocol v1, see docs/protocol.md)."""
 
 from __future__ import annotations
+
+import json
+import time
+from typing import Any
 
 from aiohttp import web
 
 from fedscaled import __version__
+from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus
+from fedscaled.errors import BadRequest, FedError, InvalidTensor, PayloadTooLarge
 from fedscaled.http_errors import error_middleware
 from fedscaled.jobs.engine import Engine
+from fedscaled.server.openapi import openapi_document
 
 ENGINE_KEY = web.AppKey("engine", Engine)
+MAX_JSON_BODY = 64 * 1024
+
+
+def _engine(request: web.Request) -> Engine:
+    return request.app[ENGINE_KEY]
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
+        raise PayloadTooLarge(f"JSON bodies are limited to {MAX_JSON_BODY} bytes")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def _device(request: web.Request) -> tuple[str, str]:
+    job = request.match_info["job"]
+    return job, _engine(request).authenticate(job, request.headers.get("Authorization"))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -16,9 +45,174 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition."""
+    return web.Response(body=_engine(request).metrics.render(), content_type="text/plain",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3 document of protocol v1."""
+    return web.json_response(openapi_document())
+
+
+async def enroll(request: web.Request) -> web.Response:
+    """Register a device with the job's enrollment token."""
+    body = await _json(request)
+    answer = await _engine(request).enroll(request.match_info["job"], body.get("enrollment_token"),
+                                           body.get("device_info"))
+    return web.json_response(answer, status=201)
+
+
+def parse_status(body: dict[str, Any]) -> DeviceStatus:
+    """Validate a check-in body into a DeviceStatus (BadRequest names the field)."""
+    def need(name: str, kind: type, low: int | None = None, high: int | None = None) -> Any:
+        value: Any = body.get(name)
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+            raise BadRequest(f"check-in field {name!r} must be an integer, got {value!r}", field=name)
+        if kind is bool and not isinstance(value, bool):
+            raise BadRequest(f"check-in field {name!r} must be true or false, got {value!r}", field=name)
+        if kind is int and ((low is not None and value < low) or (high is not None and value > high)):
+            raise BadRequest(f"check-in field {name!r} must be in [{low}, {high}], got {value!r}", field=name)
+        return value
+
+    backends = body.get("backends")
+    if not isinstance(backends, list) or not all(isinstance(b, str) and len(b) < 32 for b in backends) \
+            or len(backends) > 16:
+        raise BadRequest(f"check-in field 'backends' must be a list of names, got {backends!r}", field="backends")
+    return DeviceStatus(battery=need("battery", int, 0, 100), charging=need("charging", bool),
+                        idle=need("idle", bool), unmetered=need("unmetered", bool),
+                        free_storage_mb=need("free_storage_mb", int, 0, None),
+                        num_samples=need("num_samples", int, 0, None), backends=tuple(backends))
+
+
+async def checkin(request: web.Request) -> web.Response:
+    """Report device state; get a task, a retry window, or 'job over'."""
+    job, device_id = _device(request)
+    status = parse_status(await _json(request))
+    return web.json_response(await _engine(request).checkin(job, device_id, status))
+
+
+async def model_info(request: web.Request) -> web.Response:
+    """The job's model layout and latest version."""
+    job, _ = _device(request)
+    return web.json_response(_engine(request).model_info(job))
+
+
+async def model_weights(request: web.Request) -> web.Response:
+    """Weights of one model version as safetensors (ETag; 304 on If-None-Match)."""
+    job, _ = _device(request)
+    raw = request.match_info["version"]
+    if not raw.isdigit():
+        raise BadRequest(f"model version must be a non-negative integer, got {raw!r}")
+    version = int(raw)
+    etag = f'"{job}-{version}"'
+    data = _engine(request).model_bytes(job, version)
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=data, content_type="application/octet-stream", headers=headers)
+
+
+async def read_body(request: web.Request, limit: int) -> memoryview:
+    """Stream the request body into one preallocated buffer (no chunk list, no join)."""
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(f"body of {length} bytes exceeds this job's limit of {limit}", limit=limit)
+        buffer = bytearray(length)
+    else:
+        buffer = bytearray()
+    view = memoryview(buffer)
+    position = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        end = position + len(chunk)
+        if end > limit:
+            raise PayloadTooLarge(f"body exceeds this job's limit of {limit} bytes", limit=limit)
+        if length is None:
+            buffer.extend(chunk)
+            view = memoryview(buffer)
+        elif end > length:
+            raise BadRequest("body is longer than its Content-Length")
+        else:
+            view[position:end] = chunk
+        position = end
+    if length is not None and position != length:
+        raise InvalidTensor(f"truncated body: {position} of {length} bytes")
+    return view[:position]
+
+
+async def upload(request: web.Request) -> web.Response:
+    """Trained weights for a task (safetensors with metadata); durable before the answer."""
+    try:
+        return await _upload(request)
+    except FedError as exc:
+        _engine(request).metrics.uploads.labels(request.match_info["job"], exc.code).inc()
+        raise
+
+
+async def _upload(request: web.Request) -> web.Response:
+    job, device_id = _device(request)
+    engine = _engine(request)
+    limit = engine.max_upload_bytes(job)
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds this job's limit of {limit}",
+                              limit=limit)
+    runner, task, duplicate = engine.reserve(job, device_id, request.match_info["task_id"], TRAIN)
+    if duplicate is not None or runner is None:
+        engine.metrics.uploads.labels(job, "duplicate").inc()
+        return web.json_response(duplicate)
+    try:
+        began = time.perf_counter()
+        body = await read_body(request, limit)
+        answer = await runner.accept_update(task, body)
+        engine.metrics.ingest_seconds.observe(time.perf_counter() - began)
+    finally:
+        runner.release()
+    engine.metrics.uploads.labels(job, "accepted").inc()
+    return web.json_response(answer)
+
+
+async def result(request: web.Request) -> web.Response:
+    """Test results (counts and sums) for a test task."""
+    try:
+        return await _result(request)
+    except FedError as exc:
+        _engine(request).metrics.results.labels(request.match_info["job"], exc.code).inc()
+        raise
+
+
+async def _result(request: web.Request) -> web.Response:
+    job, device_id = _device(request)
+    engine = _engine(request)
+    body = await _json(request)
+    runner, task, duplicate = engine.reserve(job, device_id, request.match_info["task_id"], TEST)
+    if duplicate is not None or runner is None:
+        engine.metrics.results.labels(job, "duplicate").inc()
+        return web.json_response(duplicate)
+    try:
+        answer = await runner.accept_result(task, body)
+    finally:
+        runner.release()
+    engine.metrics.results.labels(job, "accepted").inc()
+    return web.json_response(answer)
+
+
 def build_device_app(engine: Engine) -> web.Application:
     """The aiohttp application for devices."""
-    app = web.Application(middlewares=[error_middleware])
+    # Uploads are streamed by read_body with a per-job limit; client_max_size bounds everything else.
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_JSON_BODY)
     app[ENGINE_KEY] = engine
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_post("/v1/jobs/{job}/enroll", enroll)
+    app.router.add_post("/v1/jobs/{job}/checkin", checkin)
+    app.router.add_get("/v1/jobs/{job}/model", model_info)
+    app.router.add_get("/v1/jobs/{job}/models/{version}", model_weights)
+    app.router.add_put("/v1/jobs/{job}/tasks/{task_id}/update", upload)
+    app.router.add_post("/v1/jobs/{job}/tasks/{task_id}/result", result)
     return app

@@ -72,10 +72,10 @@ def dump_json(record: Any) -> bytes:
 class WriteBatch:
     """Puts and deletes applied atomically by :meth:`Store.commit`."""
 
-    ops: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)
+    ops: list[tuple[str, bytes, bytes | memoryview | None]] = field(default_factory=list)
     delete_prefixes: list[tuple[str, bytes]] = field(default_factory=list)
 
-    def put(self, db: str, k: bytes, value: bytes) -> WriteBatch:
+    def put(self, db: str, k: bytes, value: bytes | memoryview) -> WriteBatch:
         """Store ``value`` under ``k`` in database ``db``."""
         self.ops.append((db, k, value))
         return self

@@ -1,0 +1,584 @@
+"""One active job's round loop: the selection pool, open tasks, durable uploads, streaming FedAvg.
+
+The pure rules live in :mod:`fedscaled.core.rounds`; this module applies them with I/O. Every accepted
+upload is committed (synced) to the store *before* its answer, then folded into the running sum; a
+restart rebuilds the sum from the stored updates of the open phase, so nothing is lost or counted twice.
+All methods run on the event loop thread; store commits run on the store's writer thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedscaled.core import aggregate, codec, rounds
+from fedscaled.core.aligned import aligned_empty
+from fedscaled.core.config import JobConfig
+from fedscaled.core.models import ModelDef, build
+from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Phase, Task
+from fedscaled.errors import (
+    InvalidMetadata,
+    JobNotActive,
+    Overloaded,
+    TaskExpired,
+    UnknownTask,
+    WrongRound,
+    WrongTaskKind,
+)
+from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
+from fedscaled.metrics import Metrics
+from fedscaled.store.lmdb_store import WriteBatch, key
+
+log = logging.getLogger("fedscaled.jobs")
+
+DRAIN_SECONDS = 30.0
+SHUTDOWN_RETRY = {"min": 1.0, "max": 5.0}
+
+
+@dataclass
+class Waiter:
+    """A device held in the selection pool by its long-polling check-in."""
+
+    status: DeviceStatus
+    since: float
+    answer: asyncio.Future[dict[str, Any]]
+
+
+def initial_model_bytes(config: JobConfig) -> bytes:
+    """Model version 0 of a new job: the zoo's initial weights, seeded by ``sample_seed``."""
+    model = build(config["model"], config["input_shape"], config["num_classes"])
+    return codec.encode_model(codec.flatten(model.init(config["sample_seed"]), model.specs), model.specs)
+
+
+def model_of(config: JobConfig) -> ModelDef:
+    """The zoo model a job trains."""
+    return build(config["model"], config["input_shape"], config["num_classes"])
+
+
+class JobRunner:
+    """Drives one job from pending to finished."""
+
+    def __init__(self, registry: JobRegistry, name: str, metrics: Metrics, pool_limit: list[int]) -> None:
+        self.registry = registry
+        self.store = registry.store
+        self.name = name
+        self.metrics = metrics
+        self._pool_budget = pool_limit  # shared [remaining] across jobs: bounds held check-ins daemon-wide
+        record = registry.get(name)
+        self.config = JobConfig.from_record(record["config"])
+        self.model = model_of(self.config)
+        self.specs = self.model.specs
+        self.num_params = self.model.num_params
+        self.pool: dict[str, Waiter] = {}
+        self.phase: Phase | None = None
+        self.tasks: dict[str, Task] = {}
+        self.by_device: dict[str, str] = {}
+        self.fedavg: aggregate.FedAvgState | None = None
+        self.accepted = 0
+        self.inflight = 0
+        self.closing = False
+        self.loss_sum = 0.0
+        self.loss_weight = 0.0
+        self.test_results: list[dict[str, Any]] = []
+        self.last_accept_at: float | None = None
+        self.wake = asyncio.Event()
+        self.shutting_down = False
+        self.started_at = record["created_at"]
+        self._task: asyncio.Task[None] | None = None
+        self._latest: tuple[int, bytes] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Restore the open phase from the store and start the loop."""
+        self._restore()
+        self._task = asyncio.create_task(self._run(), name=f"job-{self.name}")
+
+    async def cancel(self) -> None:
+        """Stop the loop (the job's state stays in the store)."""
+        self.release_waiters(SHUTDOWN_RETRY, "shutting_down")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def ended(self, state: str) -> None:
+        """The job ended (stop from the operator): tell waiting devices, stop the loop."""
+        for waiter in self.pool.values():
+            if not waiter.answer.done():
+                waiter.answer.set_result({"action": "done", "state": state})
+        self._clear_pool()
+        self.wake.set()
+
+    def release_waiters(self, window: dict[str, float], reason: str) -> None:
+        """Answer every held check-in with 'come back later'."""
+        for waiter in self.pool.values():
+            if not waiter.answer.done():
+                waiter.answer.set_result({"action": "wait", "reason": reason, "retry_after": window})
+        self._clear_pool()
+
+    def _clear_pool(self) -> None:
+        self._pool_budget[0] += len(self.pool)
+        self.pool.clear()
+        self.metrics.pool.labels(self.name).set(0)
+
+    # ------------------------------------------------------------------ restore
+    def _restore(self) -> None:
+        record = self.registry.get(self.name)
+        if record.get("phase") is None:
+            return
+        phase = Phase.from_record(record["phase"])
+        self.phase = phase
+        for task_id in phase.task_ids:
+            raw = self.store.get_json("tasks", key(self.name, task_id))
+            if raw is None:
+                continue
+            task = Task.from_record(raw)
+            self.tasks[task_id] = task
+            self.by_device[task.device_id] = task_id
+        if phase.kind == TRAIN:
+            self._reset_fedavg()
+            prefix = key(self.name, phase.phase_id)
+            for k in self.store.scan_keys("updates", prefix):
+                stored = self.tasks.get(k[len(prefix):].decode())
+                if stored is None or not stored.done:
+                    continue
+                # A fresh aligned buffer per update: the fold may alias it (zero-copy device_put).
+                flat = aligned_empty(self.num_params)
+                self.store.get_into("updates", k, flat.data.cast("B"))
+                self._fold(flat, stored)
+            log.info("job %s: resumed round %d with %d accepted updates", self.name, phase.round, self.accepted)
+        else:
+            self.test_results = [t.result for t in self.tasks.values() if t.done]
+
+    # ------------------------------------------------------------------ the loop
+    async def _run(self) -> None:
+        try:
+            while True:
+                record = self.registry.get(self.name)
+                if record["state"] not in ACTIVE_STATES:
+                    return
+                now = time.time()
+                if self.phase is None:
+                    plan = rounds.next_plan(self.config, record["completed_rounds"], record["tested_version"])
+                    if plan.kind == "finish":
+                        await self._finish(record)
+                        return
+                    if self._ready_to_open(plan.kind, now):
+                        await self._open(plan, record, now)
+                        continue
+                    await self._sleep(self._selection_timeout(now))
+                else:
+                    if self._phase_complete() or now >= self.phase.deadline:
+                        await self._close(record)
+                        continue
+                    await self._sleep(self.phase.deadline - now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("job %s failed", self.name)
+            with contextlib.suppress(Exception):
+                await self.registry.end(self.name, "failed", f"internal error: {exc}", level="ERROR")
+            self.ended("failed")
+
+    async def _sleep(self, seconds: float) -> None:
+        self.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), max(0.01, min(seconds, 5.0)))
+
+    def _eligible_pool(self, kind: str) -> list[str]:
+        return [d for d, w in self.pool.items()
+                if not w.answer.done() and rounds.ineligible_reason(self.config, w.status, kind) is None]
+
+    def _ready_to_open(self, kind: str, now: float) -> bool:
+        eligible = self._eligible_pool(kind)
+        if not eligible:
+            return False
+        oldest = min(self.pool[d].since for d in eligible)
+        return rounds.should_open(self.config, len(eligible), now - oldest, kind)
+
+    def _selection_timeout(self, now: float) -> float:
+        if not self.pool:
+            return 5.0
+        oldest = min(w.since for w in self.pool.values())
+        return max(0.05, float(self.config["selection_window"]) - (now - oldest))
+
+    def _phase_complete(self) -> bool:
+        assert self.phase is not None
+        done = self.accepted if self.phase.kind == TRAIN else len(self.test_results)
+        return done >= self.phase.target and self.inflight == 0
+
+    # ------------------------------------------------------------------ opening a phase
+    async def _open(self, plan: rounds.Plan, record: dict[str, Any], now: float) -> None:
+        planned, target, quorum = rounds.phase_sizes(self.config, plan.kind)
+        phase_id = int(record["phase_seq"]) + 1
+        seed = int(self.config["sample_seed"]) * 1_000_003 + phase_id
+        chosen = rounds.select(self._eligible_pool(plan.kind), planned, seed)
+        attempt = int(record["round_attempt"])
+        deadline = now + float(self.config["round_deadline"])
+        phase = Phase(phase_id=phase_id, kind=plan.kind, round=plan.round, attempt=attempt,
+                      model_version=plan.model_version, opened_at=now, deadline=deadline, target=target,
+                      quorum=quorum, planned=len(chosen))
+        batch = WriteBatch()
+        tasks: dict[str, Task] = {}
+        for device_id in chosen:
+            task = Task(task_id="t-" + secrets.token_hex(10), device_id=device_id, phase_id=phase_id,
+                        kind=plan.kind, round=plan.round, model_version=plan.model_version, issued_at=now,
+                        deadline=deadline, device_samples=self.pool[device_id].status.num_samples)
+            tasks[task.task_id] = task
+            batch.put_json("tasks", key(self.name, task.task_id), task.to_record())
+        phase.task_ids = list(tasks)
+        what = "training" if plan.kind == TRAIN else f"testing model v{plan.model_version}"
+        retry = f" (attempt {attempt + 1})" if attempt else ""
+        changes = {"phase": phase.to_record(), "phase_seq": phase_id, "round": plan.round, "state": "running"}
+        if record["state"] == "pending":
+            self.registry.log.add(batch, self.name, f"Job {self.name} running")
+        await self.registry.update(self.name, changes,
+                                   f"Round {plan.round}{retry}: {what} with {len(chosen)} of {len(self.pool)} "
+                                   f"waiting devices, deadline {self.config['round_deadline']:g} s",
+                                   batch=batch)
+        self.phase = phase
+        self.tasks = tasks
+        self.by_device = {t.device_id: t.task_id for t in tasks.values()}
+        self.test_results = []
+        self.closing = False
+        if plan.kind == TRAIN:
+            self._reset_fedavg()
+        self.metrics.round.labels(self.name).set(plan.round)
+        for device_id, task in ((t.device_id, t) for t in tasks.values()):
+            waiter = self.pool.pop(device_id)
+            self._pool_budget[0] += 1
+            if not waiter.answer.done():
+                waiter.answer.set_result(self.task_answer(task))
+        window = rounds.retry_window(self.config, deadline - now)
+        for device_id in list(self.pool):
+            waiter = self.pool[device_id]
+            eligible = rounds.ineligible_reason(self.config, waiter.status, plan.kind) is None
+            if not waiter.answer.done():
+                waiter.answer.set_result({"action": "wait", "reason": "not_selected" if eligible else "not_eligible",
+                                          "retry_after": window})
+        self._clear_pool()
+
+    def _reset_fedavg(self) -> None:
+        self.fedavg = aggregate.fedavg_init(self.num_params)
+        self.accepted = 0
+        self.loss_sum = 0.0
+        self.loss_weight = 0.0
+
+    def task_answer(self, task: Task) -> dict[str, Any]:
+        """The check-in answer that hands ``task`` to its device."""
+        now = time.time()
+        if task.kind == TRAIN:
+            config = {"learning_rate": rounds.learning_rate(self.config, task.round),
+                      "local_steps": self.config["local_steps"], "epochs": self.config["epochs"],
+                      "batch_size": self.config["batch_size"], "weight_decay": self.config["weight_decay"]}
+        else:
+            config = {"test_bsz": self.config["test_bsz"]}
+        body = {"task_id": task.task_id, "kind": task.kind, "round": task.round,
+                "model_version": task.model_version, "deadline": task.deadline,
+                "deadline_in": round(max(0.0, task.deadline - now), 3), "config": config}
+        return {"action": task.kind, "task": body}
+
+    # ------------------------------------------------------------------ check-in
+    async def checkin(self, device_id: str, status: DeviceStatus) -> dict[str, Any]:
+        """Answer a check-in: the device's open task, a new one after selection, or 'not now'."""
+        record = self.registry.get(self.name)
+        if record["state"] not in ACTIVE_STATES:
+            return {"action": "done", "state": record["state"]}
+        if self.shutting_down:
+            return {"action": "wait", "reason": "shutting_down", "retry_after": SHUTDOWN_RETRY}
+        phase = self.phase
+        now = time.time()
+        if phase is not None and device_id in self.by_device:
+            task = self.tasks[self.by_device[device_id]]
+            if not task.done and now < task.deadline and not self.closing:
+                return self.task_answer(task)
+            return {"action": "wait", "reason": "round_in_progress",
+                    "retry_after": rounds.retry_window(self.config, phase.deadline - now)}
+        if (rounds.ineligible_reason(self.config, status, TRAIN) is not None
+                and rounds.ineligible_reason(self.config, status, TEST) is not None):
+            return {"action": "wait", "reason": "not_eligible", "retry_after": rounds.retry_window(self.config)}
+        previous = self.pool.pop(device_id, None)
+        if previous is not None:
+            self._pool_budget[0] += 1
+            if not previous.answer.done():
+                previous.answer.set_result({"action": "wait", "reason": "superseded",
+                                            "retry_after": rounds.retry_window(self.config)})
+        if self._pool_budget[0] <= 0:
+            raise Overloaded("too many devices are waiting; retry later", retry_after=5)
+        waiter = Waiter(status=status, since=now, answer=asyncio.get_running_loop().create_future())
+        self.pool[device_id] = waiter
+        self._pool_budget[0] -= 1
+        self.metrics.pool.labels(self.name).set(len(self.pool))
+        self.wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.answer), float(self.config["checkin_wait"]))
+        except TimeoutError:
+            busy = self.phase.deadline - time.time() if self.phase is not None else None
+            return {"action": "wait", "reason": "round_in_progress" if self.phase is not None else "no_round",
+                    "retry_after": rounds.retry_window(self.config, busy)}
+        finally:
+            if self.pool.get(device_id) is waiter:
+                del self.pool[device_id]
+                self._pool_budget[0] += 1
+                self.metrics.pool.labels(self.name).set(len(self.pool))
+
+    # ------------------------------------------------------------------ uploads
+    def _find_task(self, device_id: str, task_id: str) -> tuple[Task, bool]:
+        """The device's task and whether it belongs to the open phase."""
+        task = self.tasks.get(task_id)
+        if task is not None and task.device_id == device_id:
+            return task, True
+        raw = self.store.get_json("tasks", key(self.name, task_id))
+        if raw is None or raw["device_id"] != device_id:
+            raise UnknownTask(f"no task {task_id!r} was issued to this device", task_id=task_id)
+        return Task.from_record(raw), False
+
+    def reserve(self, device_id: str, task_id: str, kind: str) -> tuple[Task, dict[str, Any] | None]:
+        """Check that ``task_id`` may take a result now and hold a slot for it.
+
+        Returns (task, duplicate answer): a task already done answers as before and takes no slot.
+        """
+        task, current = self._find_task(device_id, task_id)
+        if task.kind != kind:
+            raise WrongTaskKind(f"task {task_id} is a {task.kind} task", task_id=task_id, kind=task.kind)
+        if task.done:
+            return task, self.accepted_answer(task, duplicate=True)
+        record = self.registry.get(self.name)
+        if record["state"] not in ACTIVE_STATES:
+            raise JobNotActive(f"job {self.name} is {record['state']}", state=record["state"])
+        if not current or self.phase is None or self.closing:
+            raise WrongRound(f"round {task.round} has closed; the result of task {task_id} came too late",
+                             task_id=task_id, round=task.round)
+        if time.time() >= task.deadline:
+            raise TaskExpired(f"the deadline of task {task_id} has passed", task_id=task_id,
+                              deadline=task.deadline)
+        done = self.accepted if kind == TRAIN else len(self.test_results)
+        if done + self.inflight >= self.phase.target:
+            raise WrongRound(f"round {task.round} already has its {self.phase.target} results",
+                             task_id=task_id, round=task.round)
+        self.inflight += 1
+        return task, None
+
+    def release(self) -> None:
+        """Give back a slot taken by :meth:`reserve`."""
+        self.inflight -= 1
+        self.wake.set()
+
+    def accepted_answer(self, task: Task, duplicate: bool) -> dict[str, Any]:
+        """The answer to an accepted (or re-sent) result."""
+        return {"accepted": True, "task_id": task.task_id, "round": task.round, "duplicate": duplicate}
+
+    async def accept_update(self, task: Task, body: memoryview) -> dict[str, Any]:
+        """Validate, persist (synced) and fold a training upload of a reserved task."""
+        decoded = codec.decode_update(body, self.specs)
+        meta = _update_metadata(decoded.metadata)
+        task.done = True
+        task.result = meta
+        batch = (WriteBatch().put("updates", key(self.name, task.phase_id, task.task_id), decoded.flat.data)
+                 .put_json("tasks", key(self.name, task.task_id), task.to_record()))
+        try:
+            await self.store.commit(batch)
+        except BaseException:
+            task.done = False
+            task.result = {}
+            raise
+        self._fold(decoded.flat, task)
+        self.last_accept_at = time.monotonic()
+        self.metrics.upload_bytes.labels(self.name).inc(len(body))
+        return self.accepted_answer(task, duplicate=False)
+
+    def _fold(self, flat: np.ndarray[Any, np.dtype[np.float32]], task: Task) -> None:
+        assert self.fedavg is not None
+        samples = int(task.result["samples"])
+        if self.config["weighting"] == "uniform":
+            weight = 1.0
+        else:
+            # Never trust a phone's claim beyond what it reported when it was selected.
+            weight = float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
+        self.fedavg = aggregate.fedavg_fold(self.fedavg, flat, weight)
+        self.accepted += 1
+        self.loss_sum += float(task.result["loss"]) * weight
+        self.loss_weight += weight
+
+    async def accept_result(self, task: Task, body: Any) -> dict[str, Any]:
+        """Validate and persist a test task's result counts."""
+        result = _test_metadata(body)
+        task.done = True
+        task.result = result
+        try:
+            await self.store.commit(WriteBatch().put_json("tasks", key(self.name, task.task_id), task.to_record()))
+        except BaseException:
+            task.done = False
+            task.result = {}
+            raise
+        self.test_results.append(result)
+        return self.accepted_answer(task, duplicate=False)
+
+    # ------------------------------------------------------------------ closing a phase
+    async def _close(self, record: dict[str, Any]) -> None:
+        assert self.phase is not None
+        phase = self.phase
+        self.closing = True
+        drain_until = time.monotonic() + DRAIN_SECONDS
+        while self.inflight > 0 and time.monotonic() < drain_until:
+            await self._sleep(0.05)
+        if phase.kind == TRAIN:
+            await self._close_training(phase, record)
+        else:
+            await self._close_testing(phase, record)
+        self.phase = None
+        self.tasks = {}
+        self.by_device = {}
+        self.closing = False
+
+    async def _close_training(self, phase: Phase, record: dict[str, Any]) -> None:
+        wall = time.time() - self.started_at
+        batch = WriteBatch().delete_prefix("updates", key(self.name, phase.phase_id))
+        if self.accepted < phase.quorum:
+            attempt = phase.attempt + 1
+            self.metrics.rounds.labels(self.name, TRAIN, "below_quorum").inc()
+            if self.config["on_low_quorum"] == "fail" or attempt > self.config["max_round_retries"]:
+                await self.registry.update(self.name, {"phase": None}, batch=batch)
+                await self.registry.end(
+                    self.name, "failed", f"round {phase.round} got {self.accepted} updates by its deadline, "
+                    f"below min_participants {phase.quorum} (after {attempt} attempts)", level="ERROR")
+                self.ended("failed")
+                return
+            await self.registry.update(
+                self.name, {"phase": None, "round_attempt": attempt},
+                f"Round {phase.round}: {self.accepted} of {phase.quorum} required updates by the deadline; "
+                f"retrying the round", level="WARNING", batch=batch)
+            return
+        assert self.fedavg is not None
+        began = time.monotonic()
+        new_flat = np.asarray(aggregate.fedavg_result(self.fedavg))
+        self.fedavg = None
+        version = phase.model_version + 1
+        model_bytes = codec.encode_model(new_flat, self.specs)
+        batch.put("models", key(self.name, version), model_bytes)
+        retention = int(self.config["model_retention"])
+        if retention > 0 and version - retention >= 0:
+            batch.delete("models", key(self.name, version - retention))
+        loss = self.loss_sum / self.loss_weight if self.loss_weight > 0 else None
+        entry = {"round": phase.round, "participants": self.accepted, "planned": phase.planned,
+                 "train_loss": loss, "model_version": version, "duration": round(time.time() - phase.opened_at, 3),
+                 "test_accuracy": None, "test_loss": None}
+        metrics = [*record["metrics"], entry]
+        await self.registry.update(
+            self.name, {"phase": None, "round_attempt": 0, "completed_rounds": phase.round, "model_version": version,
+                        "metrics": metrics},
+            rounds.fedscale_round_line(phase.round, wall, phase.planned, self.accepted, loss), batch=batch,
+            event_fields={"round": phase.round, "participants": self.accepted, "train_loss": loss})
+        self._latest = (version, model_bytes)
+        self.metrics.close_seconds.observe(time.monotonic() - began)
+        self.metrics.rounds.labels(self.name, TRAIN, "closed").inc()
+
+    async def _close_testing(self, phase: Phase, record: dict[str, Any]) -> None:
+        merged = rounds.merge_test_results(self.test_results)
+        wall = time.time() - self.started_at
+        if merged is None:
+            self.metrics.rounds.labels(self.name, TEST, "no_results").inc()
+            await self.registry.update(self.name, {"phase": None, "tested_version": phase.model_version},
+                                       f"FL Testing in round: {phase.round}: no test results for model "
+                                       f"v{phase.model_version} by the deadline; skipped", level="WARNING")
+            return
+        changes: dict[str, Any] = {"phase": None, "tested_version": phase.model_version}
+        summary = {"test_accuracy": merged["top_1"], "test_top5": merged["top_5"], "test_loss": merged["loss"],
+                   "test_samples": int(merged["test_len"]), "test_devices": len(self.test_results)}
+        if phase.model_version == 0:
+            changes["initial_test"] = summary
+        else:
+            metrics = [dict(m) for m in record["metrics"]]
+            for entry in metrics:
+                if entry["model_version"] == phase.model_version:
+                    entry.update(summary)
+            changes["metrics"] = metrics
+        self.metrics.accuracy.labels(self.name).set(merged["top_1"])
+        self.metrics.rounds.labels(self.name, TEST, "closed").inc()
+        await self.registry.update(self.name, changes, rounds.fedscale_test_line(phase.round, wall, merged),
+                                   event_fields={"round": phase.round, "model_version": phase.model_version,
+                                                 **summary})
+
+    async def _finish(self, record: dict[str, Any]) -> None:
+        last = next((m for m in reversed(record["metrics"]) if m.get("test_accuracy") is not None), None)
+        accuracy = f", final test accuracy {100 * last['test_accuracy']:.2f}%" if last else ""
+        await self.registry.end(self.name, "finished", f"{record['completed_rounds']} rounds done{accuracy}")
+        self.ended("finished")
+
+    # ------------------------------------------------------------------ models
+    def model_bytes(self, version: int) -> bytes | None:
+        """Stored weights of ``version`` (the latest is cached in memory)."""
+        if self._latest is not None and self._latest[0] == version:
+            return self._latest[1]
+        data = self.store.get("models", key(self.name, version))
+        if data is not None and version == self.registry.get(self.name)["model_version"]:
+            self._latest = (version, data)
+        return data
+
+
+def _finite(meta: dict[str, str], name: str, required: bool, minimum: float | None = None) -> float | None:
+    raw = meta.get(name)
+    if raw is None:
+        if required:
+            raise InvalidMetadata(f"upload metadata lacks {name!r}", field=name)
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidMetadata(f"upload metadata {name!r} must be a number, got {raw[:40]!r}", field=name) from None
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        raise InvalidMetadata(f"upload metadata {name!r} must be finite and >= {minimum}, got {raw[:40]!r}",
+                              field=name)
+    return value
+
+
+def _update_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    raw = meta.get("samples")
+    if raw is None:
+        raise InvalidMetadata("upload metadata lacks 'samples'", field="samples")
+    try:
+        samples = int(raw)
+    except ValueError:
+        raise InvalidMetadata(f"upload metadata 'samples' must be an integer, got {raw[:40]!r}",
+                              field="samples") from None
+    if samples < 1:
+        raise InvalidMetadata(f"upload metadata 'samples' must be >= 1, got {samples}", field="samples")
+    out: dict[str, Any] = {"samples": samples, "loss": _finite(meta, "loss", True)}
+    for name in ("utility", "duration"):
+        value = _finite(meta, name, False, 0.0)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _test_metadata(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidMetadata("test results must be a JSON object")
+    out: dict[str, Any] = {}
+    for name in ("samples", "correct_top1", "correct_top5"):
+        value = body.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidMetadata(f"test result {name!r} must be a non-negative integer, got {value!r}", field=name)
+        out[name] = value
+    if out["samples"] < 1:
+        raise InvalidMetadata("test result 'samples' must be >= 1", field="samples")
+    if out["correct_top1"] > out["samples"] or out["correct_top5"] > out["samples"]:
+        raise InvalidMetadata("test result counts exceed 'samples'", field="correct_top1")
+    if out["correct_top5"] < out["correct_top1"]:
+        raise InvalidMetadata("test result 'correct_top5' is below 'correct_top1'", field="correct_top5")
+    for name, required in (("loss_sum", True), ("duration", False)):
+        value = body.get(name)
+        if value is None and not required:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise InvalidMetadata(f"test result {name!r} must be a finite number >= 0, got {value!r}", field=name)
+        out[name] = float(value)
+    return out
