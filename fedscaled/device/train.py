@@ -1,0 +1,224 @@
+"""Local training and evaluation in JAX for the model zoo.
+
+Shapes are kept fixed so that XLA compiles once per (model, batch size, step bucket): the last,
+short batch is padded and masked out, and a run of SGD steps is one ``lax.scan`` over a step count
+rounded up to a bucket (masked steps leave the weights untouched). Many simulated devices share one
+process, so trainers are cached per model definition.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedscaled.core.models import ModelDef, Params
+from fedscaled.core.models import build as build_model
+
+NumpyParams = dict[str, np.ndarray]
+
+
+class TestCounts(NamedTuple):
+    """Evaluation results as counts and sums, the form the daemon weights correctly."""
+
+    samples: int
+    correct_top1: int
+    correct_top5: int
+    loss_sum: float
+
+    @property
+    def accuracy(self) -> float:
+        """Top-1 accuracy (0 when there were no samples)."""
+        return self.correct_top1 / self.samples if self.samples else 0.0
+
+
+TrainStepsFn = Callable[..., tuple[Params, jax.Array, jax.Array]]
+EvalBatchFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """Jitted functions for one model definition (see :func:`make_trainer`)."""
+
+    model: ModelDef
+    # (params, xs[S,B,...], ys[S,B], masks[S,B], lr, wd) -> (params, loss_sum, valid_steps)
+    train_steps: TrainStepsFn
+    # (params, x[B,...], y[B], mask[B]) -> (correct_top1, correct_top5, loss_sum)
+    eval_batch: EvalBatchFn
+
+
+def _per_sample_ce(logits: jax.Array, y: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+
+
+def _make_trainer(model: ModelDef) -> Trainer:
+    top_k = min(5, model.num_classes)
+
+    def batch_loss(params: Params, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
+        ce = _per_sample_ce(model.apply(params, x), y)
+        # Mean over the real samples only: padded rows have mask 0.
+        return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    grad_fn = jax.value_and_grad(batch_loss)
+
+    def train_steps(params: Params, xs: jax.Array, ys: jax.Array, masks: jax.Array,
+                    lr: jax.Array, wd: jax.Array) -> tuple[Params, jax.Array, jax.Array]:
+        def step(carry: Params, batch: tuple[jax.Array, jax.Array, jax.Array]
+                 ) -> tuple[Params, tuple[jax.Array, jax.Array]]:
+            x, y, mask = batch
+            loss, grads = grad_fn(carry, x, y, mask)
+            # A step whose batch is all padding (the bucket's tail) must not move the weights.
+            live = (jnp.sum(mask) > 0).astype(jnp.float32)
+            # Weight decay as in torch.optim.SGD (FedScale's optimizer): g + wd * w.
+            new = {k: carry[k] - live * lr * (grads[k] + wd * carry[k]) for k in carry}
+            return new, (loss * live, live)
+
+        params, (losses, lives) = jax.lax.scan(step, params, (xs, ys, masks))
+        return params, jnp.sum(losses), jnp.sum(lives)
+
+    def eval_batch(params: Params, x: jax.Array, y: jax.Array, mask: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        logits = model.apply(params, x)
+        ce = _per_sample_ce(logits, y)
+        _, top = jax.lax.top_k(logits, top_k)
+        hit_k = jnp.any(top == y[:, None], axis=-1)
+        hit_1 = top[:, 0] == y
+        return (jnp.sum(hit_1 * mask, dtype=jnp.int32), jnp.sum(hit_k * mask, dtype=jnp.int32),
+                jnp.sum(ce * mask))
+
+    return Trainer(model, jax.jit(train_steps), jax.jit(eval_batch))
+
+
+@functools.lru_cache(maxsize=32)
+def _trainer_for(name: str, input_shape: tuple[int, ...], num_classes: int) -> Trainer:
+    return _make_trainer(build_model(name, input_shape, num_classes))
+
+
+def make_trainer(model_def: ModelDef) -> Trainer:
+    """The (cached) jitted trainer for a zoo model: one compile per model and shapes, shared process-wide.
+
+    ModelDef holds a closure, so two ``build`` calls give unequal objects; the cache is keyed by the
+    model's name, input shape and class count instead.
+    """
+    return _trainer_for(model_def.name, tuple(model_def.input_shape), model_def.num_classes)
+
+
+def _step_bucket(steps: int) -> int:
+    """Round a step count up so that few distinct scan lengths (and compiles) occur."""
+    if steps <= 64:
+        return 8 * math.ceil(steps / 8)
+    return 1 << (steps - 1).bit_length()
+
+
+def _batch_plan(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Index batches for ``steps`` SGD steps: shuffled passes without replacement, wrapping around.
+
+    Like a DataLoader with ``shuffle=True, drop_last=False`` re-iterated until the step count is
+    reached: every pass is a fresh permutation cut into batches, the last one possibly short.
+    """
+    plan: list[np.ndarray] = []
+    while len(plan) < steps:
+        order = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            plan.append(order[start:start + batch_size])
+            if len(plan) == steps:
+                break
+    return plan
+
+
+def _to_device(model: ModelDef, params: NumpyParams) -> Params:
+    missing = [name for name, _ in model.specs if name not in params]
+    if missing:
+        raise ValueError(f"params lack tensors {missing}")
+    return {name: jnp.asarray(params[name], dtype=jnp.float32) for name, _ in model.specs}
+
+
+def _to_numpy(model: ModelDef, params: Params) -> NumpyParams:
+    return {name: np.asarray(params[name], dtype=np.float32) for name, _ in model.specs}
+
+
+def train_local(
+    model_def: ModelDef,
+    params: NumpyParams,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    lr: float,
+    local_steps: int,
+    batch_size: int,
+    epochs: int = 0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> tuple[NumpyParams, float, int]:
+    """Plain minibatch SGD on softmax cross-entropy from ``params`` over local data ``(x, y)``.
+
+    FedScale semantics: ``local_steps`` minibatch steps, or ``epochs`` full passes when ``epochs > 0``.
+    Batches are drawn from shuffled passes without replacement and wrap around into the next pass;
+    a device with fewer samples than ``batch_size`` trains on all of them at every step.
+    Returns ``(new_params, mean_loss, samples_used)``: the new weights (numpy, in spec order), the
+    mean minibatch loss over the steps, and the number of distinct local samples the steps touched
+    (the FedAvg weight).
+    """
+    n = int(y.shape[0])
+    if n == 0:
+        raise ValueError("no local training samples")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    # Always the job's batch size (short batches padded and masked): a device with fewer samples
+    # than a batch then costs some wasted rows, but every device of the process shares one compile.
+    b = batch_size
+    steps = epochs * math.ceil(n / b) if epochs > 0 else local_steps
+    if steps < 1:
+        raise ValueError("need local_steps >= 1 or epochs >= 1")
+    trainer = make_trainer(model_def)
+    plan = _batch_plan(n, b, steps, np.random.default_rng(seed))
+    total = _step_bucket(steps)
+    xs = np.zeros((total, b, *x.shape[1:]), dtype=np.float32)
+    ys = np.zeros((total, b), dtype=np.int32)
+    masks = np.zeros((total, b), dtype=np.float32)
+    for i, idx in enumerate(plan):
+        xs[i, :len(idx)] = x[idx]
+        ys[i, :len(idx)] = y[idx]
+        masks[i, :len(idx)] = 1.0
+    new, loss_sum, live = trainer.train_steps(
+        _to_device(model_def, params), xs, ys, masks,
+        jnp.float32(lr), jnp.float32(weight_decay))
+    mean_loss = float(loss_sum) / max(1.0, float(live))
+    samples_used = n if epochs > 0 else min(n, steps * b)
+    return _to_numpy(model_def, new), mean_loss, samples_used
+
+
+def evaluate(model_def: ModelDef, params: NumpyParams, x: np.ndarray, y: np.ndarray,
+             batch_size: int = 64) -> TestCounts:
+    """Top-1/top-5 correct counts and the summed cross-entropy of ``params`` on ``(x, y)``.
+
+    Batches have a fixed size (the last one padded and masked) so evaluation compiles once per model.
+    """
+    n = int(y.shape[0])
+    if n == 0:
+        return TestCounts(0, 0, 0, 0.0)
+    trainer = make_trainer(model_def)
+    device_params = _to_device(model_def, params)
+    b = max(1, batch_size)
+    top1 = top5 = 0
+    loss_sum = 0.0
+    for start in range(0, n, b):
+        xb = np.zeros((b, *x.shape[1:]), dtype=np.float32)
+        yb = np.zeros((b,), dtype=np.int32)
+        mb = np.zeros((b,), dtype=np.float32)
+        m = min(b, n - start)
+        xb[:m] = x[start:start + m]
+        yb[:m] = y[start:start + m]
+        mb[:m] = 1.0
+        c1, c5, ls = trainer.eval_batch(device_params, xb, yb, mb)
+        top1 += int(c1)
+        top5 += int(c5)
+        loss_sum += float(ls)
+    return TestCounts(n, top1, top5, loss_sum)

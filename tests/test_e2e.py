@@ -1,0 +1,145 @@
+"""End to end: daemon + job + the device simulator, read back through fedscalectl."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.daemon_proc import DaemonProcess, ctl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def job_status(daemon: DaemonProcess, job: str) -> dict[str, Any]:
+    result = ctl(daemon.socket_path, "status", job, "--json")
+    assert result.returncode == 0, result.stderr
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
+
+
+def simulate(daemon: DaemonProcess, job: str, *extra: str, max_seconds: int = 240) -> subprocess.CompletedProcess[str]:
+    token = job_status(daemon, job)["enrollment_token"]
+    return subprocess.run(
+        [sys.executable, "-m", "fedscaled.device.cli", "simulate", "--server", daemon.url, "--job", job,
+         "--token", token, "--max-seconds", str(max_seconds), *extra],
+        capture_output=True, text=True, timeout=max_seconds + 60, check=False)
+
+
+def test_digits_mlp_reaches_85_percent_within_30_rounds(daemon: DaemonProcess) -> None:
+    submitted = ctl(daemon.socket_path, "submit", str(REPO / "configs" / "digits-mlp.yml"))
+    assert submitted.returncode == 0, submitted.stderr
+    run = simulate(daemon, "digits-mlp", "--devices", "100", "--dataset", "digits", "--alpha", "0.5", "--seed", "7")
+    assert run.returncode == 0, run.stdout + run.stderr
+    status = job_status(daemon, "digits-mlp")
+    assert status["state"] == "finished"
+    assert status["round"] == 30
+    metrics = status["metrics"]
+    assert [m["round"] for m in metrics] == list(range(1, 31))
+    assert all(m["participants"] == 10 for m in metrics)
+    evaluated = {m["round"]: m["test_accuracy"] for m in metrics if m["test_accuracy"] is not None}
+    assert sorted(evaluated) == [5, 10, 15, 20, 25, 30]
+    assert max(evaluated.values()) >= 0.85, evaluated
+    assert status["initial_test"]["test_accuracy"] < 0.5  # the untrained model is near chance
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    logs = ctl(daemon.socket_path, "logs", "digits-mlp").stdout
+    assert "round: 30, Planned participants: 13, Succeed participants: 10, Training loss:" in logs
+    assert "FL Testing in round: 30" in logs
+
+
+DROPOUT_JOB = """\
+job_conf:
+  - job_name: flaky
+  - model: mlp
+  - input_shape: 8 8 1
+  - num_classes: 10
+  - rounds: 4
+  - num_participants: 10
+  - overcommitment: 1.3
+  - min_participants: 4
+  - eval_interval: 100
+  - test_participants: 10
+  - learning_rate: 0.1
+  - local_steps: 10
+  - batch_size: 16
+  - filter_less: 1
+  - round_deadline: 4
+  - selection_window: 0.5
+  - checkin_wait: 5
+  - retry_min: 0.2
+  - retry_max: 1
+"""
+
+
+def test_vanishing_devices_never_stall_a_round(daemon: DaemonProcess, tmp_path: Path) -> None:
+    job_file = tmp_path / "flaky.yml"
+    job_file.write_text(DROPOUT_JOB)
+    assert ctl(daemon.socket_path, "submit", str(job_file)).returncode == 0
+    began = time.monotonic()
+    run = simulate(daemon, "flaky", "--devices", "40", "--dataset", "digits", "--dropout", "0.3", "--seed", "3",
+                   max_seconds=120)
+    elapsed = time.monotonic() - began
+    assert run.returncode == 0, run.stdout + run.stderr
+    status = job_status(daemon, "flaky")
+    assert status["state"] == "finished"
+    metrics = status["metrics"]
+    assert [m["round"] for m in metrics] == [1, 2, 3, 4]
+    assert all(4 <= m["participants"] <= 10 for m in metrics)
+    # every round closed by its deadline (plus the time to aggregate and answer)
+    assert all(m["duration"] <= 4 + 1.5 for m in metrics), metrics
+    assert elapsed < 90
+    assert "vanished=" in run.stdout
+    assert "vanished=0 " not in run.stdout
+
+
+TWO_JOBS = """\
+job_conf:
+  - job_name: {name}
+  - model: {model}
+  - input_shape: 8 8 1
+  - num_classes: 10
+  - rounds: 3
+  - num_participants: 5
+  - overcommitment: 1.0
+  - eval_interval: 3
+  - test_participants: 5
+  - local_steps: 5
+  - filter_less: 1
+  - round_deadline: 20
+  - selection_window: 0.5
+  - checkin_wait: 5
+  - retry_min: 0.2
+  - retry_max: 1
+"""
+
+
+def test_two_jobs_run_at_once_and_a_failing_one_does_not_stall_the_other(daemon: DaemonProcess,
+                                                                         tmp_path: Path) -> None:
+    for name, model in (("job-a", "linear"), ("job-b", "cnn")):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(TWO_JOBS.format(name=name, model=model))
+        assert ctl(daemon.socket_path, "submit", str(path)).returncode == 0
+    token_a = job_status(daemon, "job-a")["enrollment_token"]
+    token_b = job_status(daemon, "job-b")["enrollment_token"]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "fedscaled.device.cli", "simulate", "--server", daemon.url,
+                          "--job", job, "--token", token, "--devices", "12", "--dataset", "digits",
+                          "--max-seconds", "150"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for job, token in (("job-a", token_a), ("job-b", token_b))
+    ]
+    # A third job whose devices never come: it stays pending and must not hold the others back.
+    idle = tmp_path / "idle.yml"
+    idle.write_text(TWO_JOBS.format(name="idle", model="mlp"))
+    assert ctl(daemon.socket_path, "submit", str(idle)).returncode == 0
+    for proc in procs:
+        out, err = proc.communicate(timeout=210)
+        assert proc.returncode == 0, out + err
+    for job in ("job-a", "job-b"):
+        status = job_status(daemon, job)
+        assert status["state"] == "finished"
+        assert len(status["metrics"]) == 3
+        assert status["metrics"][-1]["test_accuracy"] is not None
+    assert job_status(daemon, "idle")["state"] == "pending"
