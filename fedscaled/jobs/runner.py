@@ -294,14 +294,12 @@ class JobRunner:
             return {"action": "done", "state": record["state"]}
         if self.shutting_down:
             return {"action": "wait", "reason": "shutting_down", "retry_after": SHUTDOWN_RETRY}
-        phase = self.phase
         now = time.time()
-        if phase is not None and device_id in self.by_device:
+        if self.phase is not None and device_id in self.by_device:
             task = self.tasks[self.by_device[device_id]]
             if not task.done and now < task.deadline and not self.closing:
                 return self.task_answer(task)
-            return {"action": "wait", "reason": "round_in_progress",
-                    "retry_after": rounds.retry_window(self.config, phase.deadline - now)}
+            # Its part of this phase is over: it waits in the pool for the next selection.
         if (rounds.ineligible_reason(self.config, status, TRAIN) is not None
                 and rounds.ineligible_reason(self.config, status, TEST) is not None):
             return {"action": "wait", "reason": "not_eligible", "retry_after": rounds.retry_window(self.config)}
