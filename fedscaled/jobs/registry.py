@@ -34,18 +34,24 @@ class JobRegistry:
         self.on_submit: Callable[[JobConfig, WriteBatch], None] | None = None
         # Called with (name, record) after a committed change of a job's state (submitted, ended).
         self.on_state_change: list[Callable[[str, dict[str, Any]], None]] = []
+        # The newest version of every job record, updated synchronously before its commit is awaited, so
+        # that two read-modify-write updates interleaved at an await never lose each other's changes.
+        self._records: dict[str, dict[str, Any]] = {}
 
     # ----- reads
     def get(self, name: str) -> dict[str, Any]:
-        """The job record, or JobNotFound."""
-        record = self.store.get_json("jobs", key(name))
+        """A copy of the job record, or JobNotFound. Nested values are shared: replace, never mutate them."""
+        record = self._records.get(name)
         if record is None:
-            raise JobNotFound(f"no job named {name!r}", job=name)
+            record = self.store.get_json("jobs", key(name))
+            if record is None:
+                raise JobNotFound(f"no job named {name!r}", job=name)
+            self._records[name] = record
         return dict(record)
 
     def all(self) -> list[dict[str, Any]]:
         """Every job record, by name."""
-        return [self.store.get_json("jobs", k) for k in self.store.scan_keys("jobs", b"")]
+        return [self.get(k.decode()) for k in self.store.scan_keys("jobs", b"")]
 
     def config(self, name: str) -> JobConfig:
         """The job's validated config."""
@@ -55,7 +61,7 @@ class JobRegistry:
     async def submit(self, text: str, *, replace: bool = False, source: str = "") -> dict[str, Any]:
         """Validate a job file and store the job as ``pending``. Raises InvalidConfig, JobExists."""
         config = parse_job_text(text)
-        existing = self.store.get_json("jobs", key(config.name))
+        existing = self._records.get(config.name) or self.store.get_json("jobs", key(config.name))
         batch = WriteBatch()
         if existing is not None:
             if existing["state"] in ACTIVE_STATES:
@@ -92,6 +98,7 @@ class JobRegistry:
             "config": config.to_record(),
         }
         batch.put_json("jobs", key(config.name), record)
+        self._records[config.name] = record
         if self.on_submit is not None:
             self.on_submit(config, batch)
         where = f" from {source}" if source else ""
@@ -101,7 +108,11 @@ class JobRegistry:
         if config.ignored:
             self.log.add(batch, config.name, "Ignored keys (FedScale launcher or simulator settings): "
                          + ", ".join(config.ignored), level="WARNING")
-        await self.store.commit(batch)
+        try:
+            await self.store.commit(batch)
+        except BaseException:
+            self._records.pop(config.name, None)
+            raise
         self.log.notify(config.name)
         self._changed(config.name, record)
         return record
@@ -120,6 +131,7 @@ class JobRegistry:
         record["updated_at"] = time.time()
         batch = batch if batch is not None else WriteBatch()
         batch.put_json("jobs", key(name), record)
+        self._records[name] = record
         if message is not None:
             self.log.add(batch, name, message, level, **(event_fields or {}))
         await self.store.commit(batch)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from fedscaled.core import aggregate, codec, rounds
 from fedscaled.core.aligned import aligned_empty
 from fedscaled.core.config import JobConfig
 from fedscaled.core.models import ModelDef, build
+from fedscaled.core.results import test_result, update_metadata
 from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Phase, Task
 from fedscaled.errors import (
-    InvalidMetadata,
     JobNotActive,
     Overloaded,
     TaskExpired,
@@ -377,7 +376,7 @@ class JobRunner:
     async def accept_update(self, task: Task, body: memoryview) -> dict[str, Any]:
         """Validate, persist (synced) and fold a training upload of a reserved task."""
         decoded = codec.decode_update(body, self.specs)
-        meta = _update_metadata(decoded.metadata)
+        meta = update_metadata(decoded.metadata)
         task.done = True
         task.result = meta
         batch = (WriteBatch().put("updates", key(self.name, task.phase_id, task.task_id), decoded.flat.data)
@@ -408,7 +407,7 @@ class JobRunner:
 
     async def accept_result(self, task: Task, body: Any) -> dict[str, Any]:
         """Validate and persist a test task's result counts."""
-        result = _test_metadata(body)
+        result = test_result(body)
         task.done = True
         task.result = result
         try:
@@ -520,63 +519,3 @@ class JobRunner:
         if data is not None and version == self.registry.get(self.name)["model_version"]:
             self._latest = (version, data)
         return data
-
-
-def _finite(meta: dict[str, str], name: str, required: bool, minimum: float | None = None) -> float | None:
-    raw = meta.get(name)
-    if raw is None:
-        if required:
-            raise InvalidMetadata(f"upload metadata lacks {name!r}", field=name)
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidMetadata(f"upload metadata {name!r} must be a number, got {raw[:40]!r}", field=name) from None
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        raise InvalidMetadata(f"upload metadata {name!r} must be finite and >= {minimum}, got {raw[:40]!r}",
-                              field=name)
-    return value
-
-
-def _update_metadata(meta: dict[str, str]) -> dict[str, Any]:
-    raw = meta.get("samples")
-    if raw is None:
-        raise InvalidMetadata("upload metadata lacks 'samples'", field="samples")
-    try:
-        samples = int(raw)
-    except ValueError:
-        raise InvalidMetadata(f"upload metadata 'samples' must be an integer, got {raw[:40]!r}",
-                              field="samples") from None
-    if samples < 1:
-        raise InvalidMetadata(f"upload metadata 'samples' must be >= 1, got {samples}", field="samples")
-    out: dict[str, Any] = {"samples": samples, "loss": _finite(meta, "loss", True)}
-    for name in ("utility", "duration"):
-        value = _finite(meta, name, False, 0.0)
-        if value is not None:
-            out[name] = value
-    return out
-
-
-def _test_metadata(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidMetadata("test results must be a JSON object")
-    out: dict[str, Any] = {}
-    for name in ("samples", "correct_top1", "correct_top5"):
-        value = body.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InvalidMetadata(f"test result {name!r} must be a non-negative integer, got {value!r}", field=name)
-        out[name] = value
-    if out["samples"] < 1:
-        raise InvalidMetadata("test result 'samples' must be >= 1", field="samples")
-    if out["correct_top1"] > out["samples"] or out["correct_top5"] > out["samples"]:
-        raise InvalidMetadata("test result counts exceed 'samples'", field="correct_top1")
-    if out["correct_top5"] < out["correct_top1"]:
-        raise InvalidMetadata("test result 'correct_top5' is below 'correct_top1'", field="correct_top5")
-    for name, required in (("loss_sum", True), ("duration", False)):
-        value = body.get(name)
-        if value is None and not required:
-            continue
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise InvalidMetadata(f"test result {name!r} must be a finite number >= 0, got {value!r}", field=name)
-        out[name] = float(value)
-    return out
