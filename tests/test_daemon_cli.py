@@ -233,3 +233,16 @@ def test_healthz(daemon: DaemonProcess) -> None:
 
     with urllib.request.urlopen(f"{daemon.url}/healthz", timeout=10) as response:
         assert json.loads(response.read())["status"] == "ok"
+
+
+def test_async_and_impossible_models_are_refused_without_state_change(daemon: DaemonProcess, tmp_path: Path) -> None:
+    async_job = write_job(tmp_path, "async", "aggregator_entry: aggregation/async_aggregator.py\n"
+                          + MINIMAL.format(name="async"))
+    result = ctl(daemon.socket_path, "submit", str(async_job))
+    assert result.returncode == 2
+    assert "asynchronous mode" in result.stderr
+    tiny_cnn = write_job(tmp_path, "tiny", "job_conf:\n  - job_name: tiny\n  - model: cnn\n  - input_shape: 2 2 1\n")
+    result = ctl(daemon.socket_path, "submit", str(tiny_cnn))
+    assert result.returncode == 2
+    assert "model cnn" in result.stderr
+    assert status_json(daemon) == []

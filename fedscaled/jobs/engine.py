@@ -13,7 +13,7 @@ from typing import Any
 from fedscaled.core.config import JobConfig
 from fedscaled.core.models import ModelDef
 from fedscaled.core.rounds import DeviceStatus, Task
-from fedscaled.errors import JobNotActive, UnknownModelVersion
+from fedscaled.errors import InvalidConfig, JobNotActive, UnknownModelVersion
 from fedscaled.jobs.devices import DeviceDirectory
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
 from fedscaled.jobs.runner import JobRunner, initial_model_bytes, model_of
@@ -67,7 +67,15 @@ class Engine:
         self.runners.clear()
 
     def _add_initial_model(self, config: JobConfig, batch: WriteBatch) -> None:
-        batch.put("models", key(config.name, 0), initial_model_bytes(config))
+        if config.mode != "sync":
+            # Parsed and recorded (aggregator_entry names FedScale's async aggregator), but this engine runs
+            # synchronous rounds only: refusing beats silently running a different algorithm.
+            raise InvalidConfig("asynchronous mode (aggregator_entry: ...async_aggregator.py) is not supported "
+                                "yet; remove aggregator_entry to run synchronous rounds", key="aggregator_entry")
+        try:
+            batch.put("models", key(config.name, 0), initial_model_bytes(config))
+        except ValueError as exc:  # e.g. cnn with an input too small to pool twice
+            raise InvalidConfig(f"model {config['model']}: {exc}", key="model") from None
 
     def _state_changed(self, name: str, record: dict[str, Any]) -> None:
         runner = self.runners.get(name)
