@@ -143,3 +143,47 @@ def test_two_jobs_run_at_once_and_a_failing_one_does_not_stall_the_other(daemon:
         assert len(status["metrics"]) == 3
         assert status["metrics"][-1]["test_accuracy"] is not None
     assert job_status(daemon, "idle")["state"] == "pending"
+
+
+HOSTILE_JOB = """\
+job_conf:
+  - job_name: {name}
+  - aggregator: {aggregator}
+  - model: mlp
+  - input_shape: 8 8 1
+  - num_classes: 10
+  - rounds: 12
+  - num_participants: 10
+  - overcommitment: 1.0
+  - min_participants: 8
+  - eval_interval: 12
+  - test_participants: 30
+  - learning_rate: 0.1
+  - local_steps: 20
+  - batch_size: 16
+  - filter_less: 1
+  - round_deadline: 20
+  - selection_window: 0.5
+  - checkin_wait: 5
+  - retry_min: 0.2
+  - retry_max: 1
+"""
+
+
+def test_median_survives_poisoning_devices_that_wreck_fedavg(daemon: DaemonProcess, tmp_path: Path) -> None:
+    accuracy = {}
+    for aggregator in ("fedavg", "median"):
+        name = f"poisoned-{aggregator.replace('_', '-')}"
+        path = tmp_path / f"{name}.yml"
+        path.write_text(HOSTILE_JOB.format(name=name, aggregator=aggregator))
+        assert ctl(daemon.socket_path, "submit", str(path)).returncode == 0
+        run = simulate(daemon, name, "--devices", "40", "--dataset", "digits", "--alpha", "1.0", "--seed", "5",
+                       "--hostile", "0.2", max_seconds=150)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "poisoned=0 " not in run.stdout
+        status = job_status(daemon, name)
+        assert status["state"] == "finished"
+        accuracy[aggregator] = status["metrics"][-1]["test_accuracy"]
+    assert accuracy["median"] >= 0.8, accuracy
+    assert accuracy["fedavg"] < 0.5, accuracy
+    print(f"final test accuracy with 20% poisoning devices: {accuracy}")

@@ -41,6 +41,7 @@ MODELS = ("linear", "mlp", "cnn")
 SAMPLE_MODES = ("random", "oort")
 GRADIENT_POLICIES = ("fed-avg", "fedavg", "yogi", "fed-yogi", "fed-prox", "prox", "q-fedavg", "qfedavg")
 WEIGHTINGS = ("samples", "uniform")
+AGGREGATORS = ("fedavg", "median", "trimmed_mean", "krum")
 ON_LOW_QUORUM = ("retry", "fail")
 
 
@@ -116,6 +117,13 @@ JOB_KEYS: dict[str, KeySpec] = {
     # --- aggregation
     "gradient_policy": _k("choice", "fed-avg", "Server aggregation: fed-avg (more in later releases).",
                           choices=GRADIENT_POLICIES),
+    "aggregator": _k("choice", "fedavg", "How a round's updates are combined: fedavg (weighted mean, streamed as "
+                     "they arrive) or a Byzantine-robust rule over the stored updates: median, trimmed_mean, krum.",
+                     choices=AGGREGATORS),
+    "trim_fraction": _k("float", 0.1, "trimmed_mean: fraction of updates dropped at each end, per coordinate.",
+                        minimum=0.0, maximum=0.49),
+    "krum_f": _k("int", 1, "krum: number of hostile updates tolerated (needs min_participants >= krum_f + 3).",
+                 minimum=0),
     "weighting": _k("choice", "samples", "FedAvg weights: samples (by sample count) or uniform (FedScale's).",
                     choices=WEIGHTINGS),
     "model_retention": _k("int", 0, "Keep this many latest model versions (0: keep all).", minimum=0),
@@ -442,6 +450,12 @@ def _check_cross_fields(values: dict[str, Any]) -> None:
         raise InvalidConfig(
             f"min_learning_rate ({values['min_learning_rate']}) must not exceed learning_rate "
             f"({values['learning_rate']})", key="min_learning_rate")
+    if values["aggregator"] == "krum":
+        target = values["num_participants"]
+        quorum = min(values["min_participants"], target) if values["min_participants"] > 0 else max(1, -(-target // 2))
+        if quorum < values["krum_f"] + 3:
+            raise InvalidConfig(f"krum with krum_f {values['krum_f']} needs at least {values['krum_f'] + 3} updates "
+                                f"per round; raise min_participants (now {quorum})", key="krum_f")
     if values["experiment_mode"] != "mobile":
         raise InvalidConfig(f"experiment_mode must be mobile for the deployment daemon, got "
                             f"{values['experiment_mode']!r}", key="experiment_mode")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from fedscaled import __version__
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedscaled``."""
+    launched_at = time.monotonic()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "start":
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run_daemon(config)
+        run_daemon(config, launched_at)
     except FedError as exc:
         print(f"fedscaled: {exc.message}", file=sys.stderr)
         return EXIT_FAILURE

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dropout", type=_fraction, default=0.0,
                      help="probability that a device vanishes with a training task: it trains but "
                           "never uploads, and is gone until the task's deadline (0.0)")
+    sim.add_argument("--hostile", type=_fraction, default=0.0,
+                     help="fraction of devices that poison their uploads (sign-flipped, scaled weights and an "
+                          "inflated sample count), to try the job's aggregator (0.0)")
     sim.add_argument("--slow", type=_fraction, default=0.0,
                      help="probability that a device is slow: it sleeps before uploading (0.0)")
     sim.add_argument("--slow-seconds", type=float, nargs=2, default=(5.0, 15.0), metavar=("MIN", "MAX"),
@@ -131,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "simulate":
-            cfg = _sim_config(args, dropout=args.dropout, slow=args.slow,
+            cfg = _sim_config(args, dropout=args.dropout, hostile=args.hostile, slow=args.slow,
                               slow_seconds=tuple(args.slow_seconds), offline=args.offline)
             summary = asyncio.run(simulate(cfg))
             print(json.dumps(summary.to_json()) if args.json else f"fedscaled-device: {summary.line()}")

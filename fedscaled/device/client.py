@@ -102,6 +102,7 @@ class ClientStats:
     duplicates: int = 0
     dropped_tasks: int = 0
     vanished: int = 0
+    poisoned: int = 0
     downloads: int = 0
     cache_hits: int = 0
     retries: int = 0
@@ -115,6 +116,9 @@ class ClientStats:
         self.error_codes[code] = self.error_codes.get(code, 0) + 1
 
 
+HOSTILE_SCALE = 20.0
+
+
 @dataclass(frozen=True)
 class Behaviour:
     """Fault injection for simulations: how unreliable this device is."""
@@ -122,6 +126,7 @@ class Behaviour:
     dropout: float = 0.0  # probability that an accepted training task is never uploaded
     slow: float = 0.0  # probability that the device sleeps before uploading
     slow_seconds: tuple[float, float] = (5.0, 15.0)  # how long a slow device sleeps
+    hostile: bool = False  # uploads poisoned weights (sign-flipped and scaled) and inflates its sample count
 
 
 @dataclass(frozen=True)
@@ -442,6 +447,12 @@ class DeviceClient:
             return
         if self.rng.random() < self.behaviour.slow:
             await self.sleep(self.rng.uniform(*self.behaviour.slow_seconds))
+        if self.behaviour.hostile:
+            # Model poisoning: finite (so it passes validation) but pointing the wrong way, with a weight
+            # claim as large as the device dares; robust aggregators must shrug it off.
+            new = {name: (-HOSTILE_SCALE * value).astype(value.dtype) for name, value in new.items()}
+            samples = max(samples, self.data.num_train)
+            self.stats.poisoned += 1
         answer = await self.upload_update(task_id, new, samples=samples, loss=loss, duration=duration)
         self.stats.uploads_accepted += bool(answer.get("accepted"))
         self.stats.duplicates += bool(answer.get("duplicate"))

@@ -50,6 +50,7 @@ class SimConfig:
     num_classes: int | None = None
     samples_per_device: int = 50
     dropout: float = 0.0
+    hostile: float = 0.0
     slow: float = 0.0
     slow_seconds: tuple[float, float] = (5.0, 15.0)
     offline: float = 0.0
@@ -80,7 +81,7 @@ class SimSummary:
                 f"timed_out={str(self.timed_out).lower()} elapsed={self.elapsed:.1f}s "
                 f"checkins={t.checkins} trained={t.trained} tested={t.tested} "
                 f"uploads_accepted={t.uploads_accepted} results_accepted={t.results_accepted} "
-                f"duplicates={t.duplicates} dropped={t.dropped_tasks} vanished={t.vanished} "
+                f"duplicates={t.duplicates} dropped={t.dropped_tasks} vanished={t.vanished} poisoned={t.poisoned} "
                 f"downloads={t.downloads} cache_hits={t.cache_hits} retries={t.retries} "
                 f"errors={t.errors} ({codes})")
 
@@ -95,7 +96,7 @@ def sum_stats(all_stats: list[ClientStats]) -> ClientStats:
     total = ClientStats()
     for s in all_stats:
         for name in ("checkins", "waits", "trained", "tested", "uploads_accepted", "results_accepted",
-                     "duplicates", "dropped_tasks", "vanished", "downloads", "cache_hits", "retries",
+                     "duplicates", "dropped_tasks", "vanished", "poisoned", "downloads", "cache_hits", "retries",
                      "errors"):
             setattr(total, name, getattr(total, name) + getattr(s, name))
         for code, n in s.error_codes.items():
@@ -145,13 +146,16 @@ def _make_clients(cfg: SimConfig, session: aiohttp.ClientSession, deadline: floa
     compute = asyncio.Semaphore(max(1, os.cpu_count() or 1))
     creds = _load_credentials(cfg.credentials)
     clients = []
+    # A fixed, seeded set of hostile devices (not a per-task coin flip: attackers persist).
+    hostile = set(random.Random(cfg.seed).sample(range(cfg.devices), round(cfg.hostile * cfg.devices)))
     for i in range(cfg.devices):
         rng = random.Random(cfg.seed * 1_000_003 + i)
         cred = creds[i] if i < len(creds) else {}
         clients.append(DeviceClient(
             session, cfg.server, cfg.job, EMPTY, enrollment_token=cfg.enrollment_token,
             device_id=cred.get("device_id"), token=cred.get("token"),
-            behaviour=Behaviour(cfg.dropout, cfg.slow, cfg.slow_seconds), seed=cfg.seed * 100_003 + i,
+            behaviour=Behaviour(cfg.dropout, cfg.slow, cfg.slow_seconds, hostile=i in hostile),
+            seed=cfg.seed * 100_003 + i,
             cache=shared if shared is not None else ModelCache(max_entries=1),
             checkin_timeout=cfg.checkin_timeout, backoff_base=cfg.backoff_base,
             backoff_cap=cfg.backoff_cap, deadline=deadline, stop=stop, compute=compute,

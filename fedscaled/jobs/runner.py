@@ -33,6 +33,7 @@ from fedscaled.errors import (
     WrongTaskKind,
 )
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
+from fedscaled.jobs.robust import robust_aggregate
 from fedscaled.metrics import Metrics
 from fedscaled.store.lmdb_store import WriteBatch, key
 
@@ -149,9 +150,11 @@ class JobRunner:
                 stored = self.tasks.get(k[len(prefix):].decode())
                 if stored is None or not stored.done:
                     continue
-                # A fresh aligned buffer per update: the fold may alias it (zero-copy device_put).
-                flat = aligned_empty(self.num_params)
-                self.store.get_into("updates", k, flat.data.cast("B"))
+                flat = None
+                if self.streaming:
+                    # A fresh aligned buffer per update: the fold may alias it (zero-copy device_put).
+                    flat = aligned_empty(self.num_params)
+                    self.store.get_into("updates", k, flat.data.cast("B"))
                 self._fold(flat, stored)
             log.info("job %s: resumed round %d with %d accepted updates", self.name, phase.round, self.accepted)
         else:
@@ -265,8 +268,13 @@ class JobRunner:
                                           "retry_after": window})
         self._clear_pool()
 
+    @property
+    def streaming(self) -> bool:
+        """FedAvg folds each update as it arrives; robust aggregators read the stored updates at close."""
+        return bool(self.config["aggregator"] == "fedavg")
+
     def _reset_fedavg(self) -> None:
-        self.fedavg = aggregate.fedavg_init(self.num_params)
+        self.fedavg = aggregate.fedavg_init(self.num_params) if self.streaming else None
         self.accepted = 0
         self.loss_sum = 0.0
         self.loss_weight = 0.0
@@ -387,20 +395,22 @@ class JobRunner:
             task.done = False
             task.result = {}
             raise
-        self._fold(decoded.flat, task)
+        self._fold(decoded.flat if self.streaming else None, task)
         self.last_accept_at = time.monotonic()
         self.metrics.upload_bytes.labels(self.name).inc(len(body))
         return self.accepted_answer(task, duplicate=False)
 
-    def _fold(self, flat: np.ndarray[Any, np.dtype[np.float32]], task: Task) -> None:
-        assert self.fedavg is not None
+    def _fold(self, flat: np.ndarray[Any, np.dtype[np.float32]] | None, task: Task) -> None:
+        """Count an accepted update: fold it into the running FedAvg sum, and its loss into the mean."""
         samples = int(task.result["samples"])
         if self.config["weighting"] == "uniform":
             weight = 1.0
         else:
             # Never trust a phone's claim beyond what it reported when it was selected.
             weight = float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
-        self.fedavg = aggregate.fedavg_fold(self.fedavg, flat, weight)
+        if flat is not None:
+            assert self.fedavg is not None
+            self.fedavg = aggregate.fedavg_fold(self.fedavg, flat, weight)
         self.accepted += 1
         self.loss_sum += float(task.result["loss"]) * weight
         self.loss_weight += weight
@@ -454,10 +464,17 @@ class JobRunner:
                 f"Round {phase.round}: {self.accepted} of {phase.quorum} required updates by the deadline; "
                 f"retrying the round", level="WARNING", batch=batch)
             return
-        assert self.fedavg is not None
         began = time.monotonic()
-        new_flat = np.asarray(aggregate.fedavg_result(self.fedavg))
-        self.fedavg = None
+        if self.streaming:
+            assert self.fedavg is not None
+            new_flat = np.asarray(aggregate.fedavg_result(self.fedavg))
+            self.fedavg = None
+        else:
+            keys = self.store.scan_keys("updates", key(self.name, phase.phase_id))
+            # CPU-bound over k stored updates: off the event loop, so devices keep being answered.
+            new_flat = await asyncio.to_thread(
+                robust_aggregate, self.store, keys, self.num_params, self.config["aggregator"],
+                trim_fraction=float(self.config["trim_fraction"]), krum_f=int(self.config["krum_f"]))
         version = phase.model_version + 1
         model_bytes = codec.encode_model(new_flat, self.specs)
         batch.put("models", key(self.name, version), model_bytes)

@@ -222,6 +222,19 @@ class Store:
                     keys.append(bytes(k))
         return keys
 
+    def gather(self, db: str, keys: list[bytes], start: int, end: int, rows: list[memoryview]) -> None:
+        """Copy bytes ``[start, end)`` of each key's value into ``rows[i]`` in one read transaction.
+
+        Reads only the slice of every value (LMDB maps the file), so a robust aggregator can stream
+        coordinate chunks of many stored updates without loading any update whole.
+        """
+        with self._resize_lock, self._env.begin(db=self._dbs[db], buffers=True) as txn:
+            for k, row in zip(keys, rows, strict=True):
+                value = txn.get(k)
+                if value is None:
+                    raise StoreError(f"stored value {k!r} vanished")
+                row[:] = value[start:end]
+
     def iter_values_into(self, db: str, prefix: bytes, out: memoryview) -> Iterator[bytes]:
         """For each key under ``prefix``, copy its value into ``out`` and yield the key.
 
