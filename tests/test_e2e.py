@@ -156,7 +156,7 @@ job_conf:
   - num_participants: 10
   - overcommitment: 1.0
   - min_participants: 8
-  - eval_interval: 12
+  - eval_interval: 4
   - test_participants: 30
   - learning_rate: 0.1
   - local_steps: 20
@@ -183,7 +183,10 @@ def test_median_survives_poisoning_devices_that_wreck_fedavg(daemon: DaemonProce
         assert "poisoned=0 " not in run.stdout
         status = job_status(daemon, name)
         assert status["state"] == "finished"
-        accuracy[aggregator] = status["metrics"][-1]["test_accuracy"]
-    assert accuracy["median"] >= 0.8, accuracy
+        evaluated = [m["test_accuracy"] for m in status["metrics"] if m["test_accuracy"] is not None]
+        assert len(evaluated) == 3
+        accuracy[aggregator] = sum(evaluated) / len(evaluated)
+    # Mean test accuracy over the evaluations of rounds 4, 8 and 12.
+    assert accuracy["median"] >= 0.75, accuracy
     assert accuracy["fedavg"] < 0.5, accuracy
-    print(f"final test accuracy with 20% poisoning devices: {accuracy}")
+    print(f"mean test accuracy with 20% poisoning devices: {accuracy}")

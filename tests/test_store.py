@@ -50,3 +50,29 @@ def test_reopen_keeps_data_and_checks_schema(tmp_path: Path) -> None:
     again.close()
     with pytest.raises(StoreError, match="schema version 99"):
         Store(tmp_path / "s")
+
+
+def test_group_commit_folds_concurrent_batches_and_isolates_a_bad_one(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+
+    async def many() -> list[BaseException | None]:
+        batches = [store.commit(WriteBatch().put("jobs", key(f"j{i}"), b"x" * 1000)) for i in range(50)]
+        results = await asyncio.gather(*batches, return_exceptions=True)
+        return list(results)
+
+    async def with_a_bad_one() -> list[BaseException | None]:
+        good = [store.commit(WriteBatch().put("jobs", key(f"k{i}"), b"y")) for i in range(5)]
+        bad = store.commit(WriteBatch().put("jobs", b"k" * 2000, b"z"))  # key above LMDB's limit
+        return list(await asyncio.gather(*good, bad, return_exceptions=True))
+
+    before = store.commits
+    assert asyncio.run(many()) == [None] * 50
+    assert all(store.get("jobs", key(f"j{i}")) == b"x" * 1000 for i in range(50))
+    assert store.commits - before < 50  # grouped into fewer synced transactions
+    results = asyncio.run(with_a_bad_one())
+    assert results[:5] == [None] * 5
+    assert isinstance(results[5], StoreError)
+    assert all(store.get("jobs", key(f"k{i}")) == b"y" for i in range(5))
+    with pytest.raises(StoreError, match="unknown store database"):
+        store.commit_sync(WriteBatch().put("nope", b"x", b"y"))
+    store.close()

@@ -14,7 +14,7 @@ import socket
 import stat
 from pathlib import Path
 
-from fedscaled.errors import FedError
+from fedscaled.errors import FedError, InvalidConfig
 
 
 class SocketInUse(FedError):
@@ -60,7 +60,13 @@ def bind(path: Path, group: str | None = None) -> socket.socket:
     finally:
         os.umask(old_umask)
     if group:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            sock.close()
+            path.unlink()
+            raise InvalidConfig(f"socket_group {group!r} is not a group on this system") from None
+        os.chown(path, -1, gid)
         os.chmod(path, 0o660)
     else:
         os.chmod(path, 0o600)

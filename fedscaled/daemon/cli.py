@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from fedscaled import __version__
-from fedscaled.errors import EXIT_FAILURE, EXIT_USAGE, FedError, InvalidConfig
+from fedscaled.errors import EXIT_USAGE, FedError, InvalidConfig
 
 DESCRIPTION = """\
 fedscaled — federated-learning aggregation daemon.
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         run_daemon(config, launched_at)
     except FedError as exc:
         print(f"fedscaled: {exc.message}", file=sys.stderr)
-        return EXIT_FAILURE
+        return exc.exit_code
     except KeyboardInterrupt:
         pass
     return 0

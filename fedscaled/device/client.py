@@ -116,7 +116,7 @@ class ClientStats:
         self.error_codes[code] = self.error_codes.get(code, 0) + 1
 
 
-HOSTILE_SCALE = 20.0
+HOSTILE_SCALE = 100.0  # standard deviation of a hostile device's random weights
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class Behaviour:
     dropout: float = 0.0  # probability that an accepted training task is never uploaded
     slow: float = 0.0  # probability that the device sleeps before uploading
     slow_seconds: tuple[float, float] = (5.0, 15.0)  # how long a slow device sleeps
-    hostile: bool = False  # uploads poisoned weights (sign-flipped and scaled) and inflates its sample count
+    hostile: bool = False  # uploads poisoned weights (large random values) and inflates its sample count
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,7 @@ class DeviceClient:
         self.state = state or (lambda: DeviceState(num_samples=data.num_train))
         self.behaviour = behaviour or Behaviour()
         self.rng = random.Random(seed)
+        self.np_rng = np.random.default_rng(seed)
         self.seed = seed
         self.cache = cache if cache is not None else ModelCache(max_entries=1)
         self.checkin_timeout = checkin_timeout
@@ -448,9 +449,10 @@ class DeviceClient:
         if self.rng.random() < self.behaviour.slow:
             await self.sleep(self.rng.uniform(*self.behaviour.slow_seconds))
         if self.behaviour.hostile:
-            # Model poisoning: finite (so it passes validation) but pointing the wrong way, with a weight
+            # Model poisoning: large random weights, finite so that they pass validation, with a weight
             # claim as large as the device dares; robust aggregators must shrug it off.
-            new = {name: (-HOSTILE_SCALE * value).astype(value.dtype) for name, value in new.items()}
+            new = {name: self.np_rng.normal(0.0, HOSTILE_SCALE, size=value.shape).astype(value.dtype)
+                   for name, value in new.items()}
             samples = max(samples, self.data.num_train)
             self.stats.poisoned += 1
         answer = await self.upload_update(task_id, new, samples=samples, loss=loss, duration=duration)

@@ -58,9 +58,10 @@ class DeviceDirectory:
 
     def authenticate(self, job: str, authorization: str | None) -> str:
         """The device id behind an ``Authorization: Bearer`` header for ``job``; else Unauthorized."""
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, credentials = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():  # the scheme is case-insensitive (RFC 7235)
             raise Unauthorized("missing bearer token (Authorization: Bearer <device token>)")
-        digest = token_hash(authorization[len("Bearer "):].strip())
+        digest = token_hash(credentials.strip())
         found = self._by_hash.get(digest)
         if found is None:
             raw = self.store.get("tokens", digest)

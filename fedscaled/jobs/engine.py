@@ -13,7 +13,7 @@ from typing import Any
 from fedscaled.core.config import JobConfig
 from fedscaled.core.models import ModelDef
 from fedscaled.core.rounds import DeviceStatus, Task
-from fedscaled.errors import InvalidConfig, JobNotActive, UnknownModelVersion
+from fedscaled.errors import InvalidConfig, JobNotActive, JobNotFound, UnknownModelVersion
 from fedscaled.jobs.devices import DeviceDirectory
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
 from fedscaled.jobs.runner import JobRunner, initial_model_bytes, model_of
@@ -93,6 +93,14 @@ class Engine:
     def job_config(self, job: str) -> JobConfig:
         """The job's config, or JobNotFound."""
         return self.registry.config(job)
+
+    def job_exists(self, job: str) -> bool:
+        """Whether a job of this name is in the store."""
+        try:
+            self.registry.get(job)
+        except JobNotFound:
+            return False
+        return True
 
     def runner(self, job: str) -> JobRunner:
         """The runner of an active job; JobNotFound or JobNotActive otherwise."""

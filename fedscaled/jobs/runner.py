@@ -43,6 +43,14 @@ DRAIN_SECONDS = 30.0
 SHUTDOWN_RETRY = {"min": 1.0, "max": 5.0}
 
 
+class TaskBusy(Exception):
+    """A result for this task is being received right now; wait on ``done`` and try again."""
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        super().__init__("task busy")
+        self.done = done
+
+
 @dataclass
 class Waiter:
     """A device held in the selection pool by its long-polling check-in."""
@@ -84,6 +92,7 @@ class JobRunner:
         self.fedavg: aggregate.FedAvgState | None = None
         self.accepted = 0
         self.inflight = 0
+        self.receiving: dict[str, asyncio.Future[None]] = {}  # task id -> resolves when its upload is handled
         self.closing = False
         self.loss_sum = 0.0
         self.loss_weight = 0.0
@@ -356,6 +365,10 @@ class JobRunner:
             raise WrongTaskKind(f"task {task_id} is a {task.kind} task", task_id=task_id, kind=task.kind)
         if task.done:
             return task, self.accepted_answer(task, duplicate=True)
+        busy = self.receiving.get(task_id)
+        if busy is not None:
+            # The same task's first upload is still arriving: wait for it rather than count it twice.
+            raise TaskBusy(busy)
         record = self.registry.get(self.name)
         if record["state"] not in ACTIVE_STATES:
             raise JobNotActive(f"job {self.name} is {record['state']}", state=record["state"])
@@ -370,11 +383,15 @@ class JobRunner:
             raise WrongRound(f"round {task.round} already has its {self.phase.target} results",
                              task_id=task_id, round=task.round)
         self.inflight += 1
+        self.receiving[task_id] = asyncio.get_running_loop().create_future()
         return task, None
 
-    def release(self) -> None:
-        """Give back a slot taken by :meth:`reserve`."""
+    def release(self, task_id: str) -> None:
+        """Give back a slot taken by :meth:`reserve` (after the result was accepted or refused)."""
         self.inflight -= 1
+        busy = self.receiving.pop(task_id, None)
+        if busy is not None and not busy.done():
+            busy.set_result(None)
         self.wake.set()
 
     def accepted_answer(self, task: Task, duplicate: bool) -> dict[str, Any]:
@@ -486,12 +503,13 @@ class JobRunner:
                  "train_loss": loss, "model_version": version, "duration": round(time.time() - phase.opened_at, 3),
                  "test_accuracy": None, "test_loss": None}
         metrics = [*record["metrics"], entry]
+        # Cached before the record names it: status never shows a version that cannot be downloaded.
+        self._latest = (version, model_bytes)
         await self.registry.update(
             self.name, {"phase": None, "round_attempt": 0, "completed_rounds": phase.round, "model_version": version,
                         "metrics": metrics},
             rounds.fedscale_round_line(phase.round, wall, phase.planned, self.accepted, loss), batch=batch,
             event_fields={"round": phase.round, "participants": self.accepted, "train_loss": loss})
-        self._latest = (version, model_bytes)
         self.metrics.close_seconds.observe(time.monotonic() - began)
         self.metrics.rounds.labels(self.name, TRAIN, "closed").inc()
 

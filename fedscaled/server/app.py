@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import time
 from typing import Any
 
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 
 from fedscaled import __version__
-from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus
-from fedscaled.errors import BadRequest, FedError, InvalidTensor, PayloadTooLarge
+from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Task
+from fedscaled.errors import (
+    BadRequest,
+    FedError,
+    InvalidTensor,
+    Overloaded,
+    PayloadTooLarge,
+    UnknownModelVersion,
+)
 from fedscaled.http_errors import error_middleware
 from fedscaled.jobs.engine import Engine
+from fedscaled.jobs.runner import JobRunner, TaskBusy
 from fedscaled.server.openapi import openapi_document
 
 ENGINE_KEY = web.AppKey("engine", Engine)
 MAX_JSON_BODY = 64 * 1024
+VERSION_RE = re.compile(r"[0-9]{1,40}")  # ASCII digits only (str.isdigit() also takes '²' and '٣')
+MAX_VERSION = 2**63 - 1
 
 
 def _engine(request: web.Request) -> Engine:
@@ -33,6 +47,12 @@ async def _json(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
+
+
+def _job_label(request: web.Request) -> str:
+    """The job name as a metrics label, only for jobs that exist: made-up names add no series."""
+    job = request.match_info["job"]
+    return job if _engine(request).job_exists(job) else "unknown"
 
 
 def _device(request: web.Request) -> tuple[str, str]:
@@ -103,9 +123,11 @@ async def model_weights(request: web.Request) -> web.Response:
     """Weights of one model version as safetensors (ETag; 304 on If-None-Match)."""
     job, _ = _device(request)
     raw = request.match_info["version"]
-    if not raw.isdigit():
-        raise BadRequest(f"model version must be a non-negative integer, got {raw!r}")
+    if not VERSION_RE.fullmatch(raw):
+        raise BadRequest(f"model version must be a non-negative integer, got {raw[:40]!r}")
     version = int(raw)
+    if version > MAX_VERSION:
+        raise UnknownModelVersion(f"job {job} has no model version {raw}", version=raw)
     etag = f'"{job}-{version}"'
     data = _engine(request).model_bytes(job, version)
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
@@ -114,35 +136,65 @@ async def model_weights(request: web.Request) -> web.Response:
     return web.Response(body=data, content_type="application/octet-stream", headers=headers)
 
 
+BUSY_WAIT_SECONDS = 60.0
+
+
+async def reserve(engine: Engine, job: str, device_id: str, task_id: str, kind: str
+                  ) -> tuple[JobRunner | None, Task, dict[str, Any] | None]:
+    """Reserve a result slot; a re-send racing its own first upload waits for it and then answers
+    as a duplicate (invariant 2: the same answer, never counted twice)."""
+    for _ in range(3):
+        try:
+            return engine.reserve(job, device_id, task_id, kind)
+        except TaskBusy as busy:
+            try:
+                await asyncio.wait_for(asyncio.shield(busy.done), BUSY_WAIT_SECONDS)
+            except TimeoutError:
+                break
+    raise Overloaded("an upload for this task is still being received; retry later", retry_after=5)
+
+
 async def read_body(request: web.Request, limit: int) -> memoryview:
     """Stream the request body into one preallocated buffer (no chunk list, no join)."""
     length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise PayloadTooLarge(f"body of {length} bytes exceeds this job's limit of {limit}", limit=limit)
-        buffer = bytearray(length)
-    else:
-        buffer = bytearray()
+    if length is None:
+        return await _read_chunked(request, limit)
+    if length > limit:
+        raise PayloadTooLarge(f"body of {length} bytes exceeds this job's limit of {limit}", limit=limit)
+    buffer = bytearray(length)
     view = memoryview(buffer)
     position = 0
     while True:
-        chunk = await request.content.readany()
+        chunk = await _next_chunk(request)
         if not chunk:
             break
         end = position + len(chunk)
-        if end > limit:
-            raise PayloadTooLarge(f"body exceeds this job's limit of {limit} bytes", limit=limit)
-        if length is None:
-            buffer.extend(chunk)
-            view = memoryview(buffer)
-        elif end > length:
+        if end > length:
             raise BadRequest("body is longer than its Content-Length")
-        else:
-            view[position:end] = chunk
+        view[position:end] = chunk
         position = end
-    if length is not None and position != length:
+    if position != length:
         raise InvalidTensor(f"truncated body: {position} of {length} bytes")
-    return view[:position]
+    return view
+
+
+async def _read_chunked(request: web.Request, limit: int) -> memoryview:
+    """A body of unknown length (chunked transfer): grow a buffer, refusing past ``limit``."""
+    buffer = bytearray()
+    while True:
+        chunk = await _next_chunk(request)
+        if not chunk:
+            return memoryview(buffer)
+        if len(buffer) + len(chunk) > limit:
+            raise PayloadTooLarge(f"body exceeds this job's limit of {limit} bytes", limit=limit)
+        buffer += chunk
+
+
+async def _next_chunk(request: web.Request) -> bytes:
+    try:
+        return await request.content.readany()
+    except (ConnectionResetError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+        raise InvalidTensor(f"truncated body: the connection broke mid-upload ({exc.__class__.__name__})") from None
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -150,7 +202,7 @@ async def upload(request: web.Request) -> web.Response:
     try:
         return await _upload(request)
     except FedError as exc:
-        _engine(request).metrics.uploads.labels(request.match_info["job"], exc.code).inc()
+        _engine(request).metrics.uploads.labels(_job_label(request), exc.code).inc()
         raise
 
 
@@ -161,7 +213,8 @@ async def _upload(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds this job's limit of {limit}",
                               limit=limit)
-    runner, task, duplicate = engine.reserve(job, device_id, request.match_info["task_id"], TRAIN)
+    task_id = request.match_info["task_id"]
+    runner, task, duplicate = await reserve(engine, job, device_id, task_id, TRAIN)
     if duplicate is not None or runner is None:
         engine.metrics.uploads.labels(job, "duplicate").inc()
         return web.json_response(duplicate)
@@ -171,7 +224,7 @@ async def _upload(request: web.Request) -> web.Response:
         answer = await runner.accept_update(task, body)
         engine.metrics.ingest_seconds.observe(time.perf_counter() - began)
     finally:
-        runner.release()
+        runner.release(task_id)
     engine.metrics.uploads.labels(job, "accepted").inc()
     return web.json_response(answer)
 
@@ -181,7 +234,7 @@ async def result(request: web.Request) -> web.Response:
     try:
         return await _result(request)
     except FedError as exc:
-        _engine(request).metrics.results.labels(request.match_info["job"], exc.code).inc()
+        _engine(request).metrics.results.labels(_job_label(request), exc.code).inc()
         raise
 
 
@@ -189,14 +242,15 @@ async def _result(request: web.Request) -> web.Response:
     job, device_id = _device(request)
     engine = _engine(request)
     body = await _json(request)
-    runner, task, duplicate = engine.reserve(job, device_id, request.match_info["task_id"], TEST)
+    task_id = request.match_info["task_id"]
+    runner, task, duplicate = await reserve(engine, job, device_id, task_id, TEST)
     if duplicate is not None or runner is None:
         engine.metrics.results.labels(job, "duplicate").inc()
         return web.json_response(duplicate)
     try:
         answer = await runner.accept_result(task, body)
     finally:
-        runner.release()
+        runner.release(task_id)
     engine.metrics.results.labels(job, "accepted").inc()
     return web.json_response(answer)
 

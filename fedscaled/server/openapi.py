@@ -97,12 +97,12 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"201": _json({"type": "object", "required": ["device_id", "token", "job"],
                                         "properties": {"device_id": {"type": "string"}, "token": {"type": "string"},
                                                        "job": {"type": "string"}}}, "enrolled"),
-                          **_errors(400, 401, 404, 409)}}},
+                          **_errors(400, 401, 404, 409, 413)}}},
         "/v1/jobs/{job}/checkin": {"post": {
             "summary": "Report device state; get a task, a retry window or 'job over' (may wait up to "
                        "the job's checkin_wait seconds)", "parameters": [_PATH_JOB], "security": _BEARER,
             "requestBody": {"required": True, "content": {"application/json": {"schema": _DEVICE_STATE}}},
-            "responses": {"200": _json(_CHECKIN_ANSWER, "the answer"), **_errors(400, 401, 404, 503)}}},
+            "responses": {"200": _json(_CHECKIN_ANSWER, "the answer"), **_errors(400, 401, 404, 413, 503)}}},
         "/v1/jobs/{job}/model": {"get": {
             "summary": "The job's model layout and latest version", "parameters": [_PATH_JOB],
             "security": _BEARER, "responses": {"200": _json({"type": "object"}, "model description"),
@@ -135,7 +135,7 @@ def openapi_document() -> dict[str, Any]:
                                "correct_top5": {"type": "integer", "minimum": 0},
                                "loss_sum": {"type": "number", "minimum": 0},
                                "duration": {"type": "number", "minimum": 0}}}}}},
-            "responses": {"200": _json(_ACCEPTED, "recorded"), **_errors(400, 401, 404, 409, 410, 422)}}},
+            "responses": {"200": _json(_ACCEPTED, "recorded"), **_errors(400, 401, 404, 409, 410, 413, 422)}}},
     }
     return {
         "openapi": "3.0.3",

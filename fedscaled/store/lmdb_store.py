@@ -25,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import struct
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ from fedscaled.errors import StoreError
 SCHEMA_VERSION = 1
 DATABASES = ("meta", "jobs", "events", "models", "devices", "tokens", "tasks", "updates")
 INITIAL_MAP_SIZE = 1 << 30  # 1 GiB: sparse on Linux, grows on demand
+# Group commit bounds: enough to fold a burst of uploads into one fsync, small enough that one
+# transaction stays short and a failure retries little.
+GROUP_COMMIT_BYTES = 256 << 20
+GROUP_COMMIT_BATCHES = 256
 SEP = b"\0"
 
 
@@ -110,13 +115,18 @@ class Store:
         # Readers hold this shared-ish lock only to exclude a concurrent map resize (set_mapsize must
         # not run while a transaction of this process is open).
         self._resize_lock = threading.RLock()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-writer")
+        self._queue: queue.SimpleQueue[tuple[WriteBatch, Future[None]] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="lmdb-writer", daemon=True)
+        self._writer.start()
+        self.commits = 0  # synced transactions so far (group commit folds many batches into one)
         self._check_schema()
 
     # ----- lifecycle
     def close(self) -> None:
         """Finish queued writes and close the environment."""
-        self._writer.shutdown(wait=True)
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join()
         self._env.close()
 
     def _check_schema(self) -> None:
@@ -129,39 +139,94 @@ class Store:
                              f"{SCHEMA_VERSION}")
 
     # ----- writes
+    def _submit(self, batch: WriteBatch) -> Future[None]:
+        if not self._writer.is_alive():
+            raise StoreError("the store is closed")
+        unknown = {db for db, _, _ in batch.ops} | {db for db, _ in batch.delete_prefixes}
+        unknown -= set(self._dbs)
+        if unknown:
+            raise StoreError(f"unknown store database(s): {', '.join(sorted(unknown))}")
+        done: Future[None] = Future()
+        self._queue.put((batch, done))
+        return done
+
     def commit_sync(self, batch: WriteBatch) -> None:
         """Apply ``batch`` in one synced transaction on the writer thread; wait for it."""
-        self._writer.submit(self._apply_growing, batch).result()
+        self._submit(batch).result()
 
     async def commit(self, batch: WriteBatch) -> None:
         """Apply ``batch`` durably; returns after the data is synced to disk."""
-        await asyncio.wrap_future(self._writer.submit(self._apply_growing, batch))
+        await asyncio.wrap_future(self._submit(batch))
 
-    def _apply_growing(self, batch: WriteBatch) -> None:
+    def _write_loop(self) -> None:
+        """The one writer thread: group commit.
+
+        Batches queued while a transaction was syncing are applied together in the next transaction,
+        so N concurrent uploads cost one fsync instead of N. Each batch's future resolves only after the
+        transaction that holds it is synced: the durability promise is unchanged.
+        """
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            size = _batch_bytes(first[0])
+            while size < GROUP_COMMIT_BYTES and len(group) < GROUP_COMMIT_BATCHES:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # finish this group, then stop
+                    break
+                group.append(item)
+                size += _batch_bytes(item[0])
+            self._commit_group(group)
+
+    def _commit_group(self, group: list[tuple[WriteBatch, Future[None]]]) -> None:
+        try:
+            self._apply_growing([batch for batch, _ in group])
+        except Exception as exc:
+            if len(group) == 1:
+                group[0][1].set_exception(exc)
+                return
+            # One bad batch must not fail its neighbours: retry each alone.
+            for item in group:
+                self._commit_group([item])
+            return
+        for _, done in group:
+            done.set_result(None)
+
+    def _apply_growing(self, batches: list[WriteBatch]) -> None:
         while True:
             try:
-                self._apply(batch)
+                self._apply(batches)
+                self.commits += 1
                 return
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.Error as exc:
                 raise StoreError(f"store write failed: {exc}") from exc
 
-    def _apply(self, batch: WriteBatch) -> None:
+    def _apply(self, batches: list[WriteBatch]) -> None:
         with self._env.begin(write=True) as txn:
-            for db_name, prefix in batch.delete_prefixes:
-                db = self._dbs[db_name]
-                cursor = txn.cursor(db=db)
-                if cursor.set_range(prefix):
-                    while cursor.key().startswith(prefix):
-                        if not cursor.delete():
-                            break
-            for db_name, k, value in batch.ops:
-                db = self._dbs[db_name]
-                if value is None:
-                    txn.delete(k, db=db)
-                else:
-                    txn.put(k, value, db=db)
+            for batch in batches:
+                self._apply_one(txn, batch)
+
+    def _apply_one(self, txn: lmdb.Transaction, batch: WriteBatch) -> None:
+        for db_name, prefix in batch.delete_prefixes:
+            cursor = txn.cursor(db=self._dbs[db_name])
+            if cursor.set_range(prefix):
+                # delete() moves the cursor to the next record; stop at the first key past the prefix.
+                while bytes(cursor.key()).startswith(prefix):
+                    if not cursor.delete():
+                        break
+        for db_name, k, value in batch.ops:
+            db = self._dbs[db_name]
+            if value is None:
+                txn.delete(k, db=db)
+            else:
+                txn.put(k, value, db=db)
 
     def _grow(self) -> None:
         with self._resize_lock:
@@ -260,3 +325,7 @@ class Store:
 def open_store(data_dir: Path, *, sync: bool = True) -> Store:
     """Open (or create) the store under ``data_dir/store``."""
     return Store(Path(os.fspath(data_dir)) / "store", sync=sync)
+
+
+def _batch_bytes(batch: WriteBatch) -> int:
+    return sum(len(value) for _, _, value in batch.ops if value is not None)

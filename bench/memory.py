@@ -1,0 +1,148 @@
+"""Memory: the daemon's peak RSS for one round of n participants, and its slope in bytes per participant.
+
+For each n a fresh daemon child runs one training round of n uploads (bounded concurrency, the same
+for every n, so that in-flight bodies weigh the same); its peak RSS (``VmHWM``) is read after the new
+model is downloadable. Streaming FedAvg keeps O(model) memory, so the slope must be flat. The baseline
+is Flower's ``aggregate`` over the same n updates held in memory (as Flower's server holds every
+FitRes before ``aggregate_fit``), run in a child process that reports its ``ru_maxrss``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import (
+    Daemon,
+    Fleet,
+    Profile,
+    Result,
+    linear_job,
+    linear_params,
+    rss_peak_bytes,
+    session,
+    workdir,
+)
+from bench.ingest import make_bodies
+
+UPLOAD_CONCURRENCY = 8
+
+
+def rss_parts(pid: int) -> dict[str, int]:
+    """Current anonymous and file-backed resident bytes (RssAnon, RssFile) of a process."""
+    parts = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssFile:")):
+            parts[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return parts
+
+
+async def _round(daemon: Daemon, n: int, num_params: int) -> tuple[int, int]:
+    """Run one round of ``n`` uploads; (peak RSS before the uploads, peak RSS after the round)."""
+    job = f"memory-{n}"
+    token = daemon.submit(linear_job(job, num_params, n))["enrollment_token"]
+    bodies = make_bodies(num_params)
+    async with session(n + 8) as s:
+        fleet = Fleet(s, daemon.url, job)
+        await fleet.enroll(n, token)
+        task_ids = await fleet.get_train_tasks()
+        before = rss_peak_bytes(daemon.pid)
+        async with session(UPLOAD_CONCURRENCY) as up_session:
+            up = Fleet(up_session, daemon.url, job)
+            await asyncio.gather(*(up.upload(tok, tid, bodies[i % len(bodies)])
+                                   for i, (tok, tid) in enumerate(zip(fleet.tokens, task_ids, strict=True))))
+        for _ in range(6000):  # until the round's model is downloadable (at most ~60 s)
+            status, _ = await fleet.model(1)
+            if status == 200:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise RuntimeError(f"round of {n} did not close")
+    return before, rss_peak_bytes(daemon.pid)
+
+
+def flower_rss(n: int, num_params: int) -> int | None:
+    """Peak RSS of a child that holds ``n`` updates and runs Flower's ``aggregate``; None without flwr."""
+    out = subprocess.run([sys.executable, "-m", "bench.memory", str(n), str(num_params)], capture_output=True,
+                         text=True, timeout=600, check=False)
+    if out.returncode == 3:
+        return None
+    if out.returncode != 0:
+        raise RuntimeError(f"Flower memory child failed: {out.stderr[-2000:]}")
+    return int(json.loads(out.stdout)["ru_maxrss"])
+
+
+def _flower_child(n: int, num_params: int) -> int:
+    try:
+        from flwr.server.strategy.aggregate import aggregate
+    except ImportError:
+        return 3
+    inputs = max(1, num_params // 10)
+    base = np.random.default_rng(1).standard_normal(inputs * 10, dtype=np.float32)
+    results = [([(base + np.float32(i)).reshape(inputs, 10), np.zeros(10, np.float32)], 50) for i in range(n)]
+    aggregate(results)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child of a big parent would
+    # report the parent's peak.
+    print(json.dumps({"ru_maxrss": rss_peak_bytes(os.getpid()),
+                      "ru_maxrss_raw": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    return 0
+
+
+def run(profile: Profile) -> list[Result]:
+    """Peak RSS per round size and the slope, against Flower's aggregate."""
+    p = profile.memory_params
+    model_bytes = linear_params(p) * 4
+    ours: dict[int, int] = {}
+    theirs: dict[int, int | None] = {}
+    parts: dict[int, dict[str, int]] = {}
+    results: list[Result] = []
+    with workdir("memory") as tmp:
+        for n in profile.memory_participants:
+            daemon = Daemon(tmp, f"d{n}")
+            try:
+                daemon.start()
+                before, ours[n] = asyncio.run(_round(daemon, n, p))
+                parts[n] = rss_parts(daemon.pid)
+            finally:
+                daemon.stop()
+            theirs[n] = flower_rss(n, p)
+            base = theirs[n]
+            results.append(Result(f"memory peak RSS n={n} P={linear_params(p):.0e}", ours[n], "B",
+                                  "Flower aggregate holding all updates", float("nan") if base is None else base,
+                                  lower_is_better=True,
+                                  params={"n": n, "P": linear_params(p), "rss_before": before, **parts[n],
+                                          "upload_concurrency": UPLOAD_CONCURRENCY},
+                                  notes="" if base is not None else "Flower baseline skipped: flwr not installed"))
+    lo, hi = min(ours), max(ours)
+    slope = (ours[hi] - ours[lo]) / (hi - lo)
+    flo, fhi = theirs[lo], theirs[hi]
+    fslope = float("nan") if flo is None or fhi is None else (fhi - flo) / (hi - lo)
+    growth = ours[hi] - ours[lo]
+    r = Result(f"memory slope n={lo}..{hi}", slope, "B/participant", "Flower aggregate slope", fslope,
+               lower_is_better=True, target="growth < 2 x model",
+               params={"growth_bytes": growth, "model_bytes": model_bytes, "growth_in_models": growth / model_bytes},
+               notes=f"RSS grew {growth / 1e6:.1f} MB from {lo} to {hi} participants "
+                     f"({growth / model_bytes:.2f} x the {model_bytes / 1e6:.1f} MB model)")
+    r.target_met = growth < 2 * model_bytes
+    results.append(r)
+    anon = parts[hi].get("RssAnon", 0) - parts[lo].get("RssAnon", 0)
+    r = Result(f"memory anon RSS growth n={lo}..{hi}", anon, "B", "Flower aggregate peak growth",
+               float("nan") if flo is None or fhi is None else fhi - flo, lower_is_better=True,
+               target="< 2 x model", params={"model_bytes": model_bytes, "file_growth": parts[hi].get("RssFile", 0)
+                                             - parts[lo].get("RssFile", 0)},
+               notes="anonymous memory only (RssAnon at the end of the round); file-backed pages (mapped "
+                     "libraries, the LMDB map) are clean and reclaimable")
+    r.target_met = anon < 2 * model_bytes
+    results.append(r)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(_flower_child(int(sys.argv[1]), int(sys.argv[2])))
