@@ -23,8 +23,11 @@ BODIES = 4  # distinct bodies cycled over the devices (each is a full model: mem
 
 
 def make_bodies(num_params: int, count: int = BODIES) -> list[bytes]:
-    """Distinct upload bodies (trained weights + metadata) for the linear model of ``num_params``."""
-    specs = build("linear", (max(1, num_params // 10), 1, 1), 10).specs
+    """Distinct upload bodies (trained weights + metadata) for the linear model of ``num_params``.
+
+    Tensors in name order, as the safetensors library (and so the reference device runtime) writes them.
+    """
+    specs = codec.wire_order(build("linear", (max(1, num_params // 10), 1, 1), 10).specs)
     total = codec.num_params(specs)
     base = np.random.default_rng(1).standard_normal(total, dtype=np.float32) * np.float32(0.01)
     return [codec.encode_model(base + np.float32(i * 1e-3), specs, {"samples": "50", "loss": "0.5"})

@@ -18,6 +18,7 @@ from fedscaled.core.aggregate import (
     fedavg_delta,
     fedavg_fold,
     fedavg_fold_cache_size,
+    fedavg_fold_many,
     fedavg_init,
     fedavg_result,
     krum_scores,
@@ -287,3 +288,40 @@ def test_sort_network_and_fallback_agree_with_numpy(k: int) -> None:
     np.testing.assert_allclose(np.asarray(median_chunk(stack)), np.median(ordered, axis=0), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(trimmed_mean_chunk(stack, 3)), ordered[3 : k - 3].mean(axis=0),
                                rtol=1e-5, atol=1e-6)
+
+
+@SETTINGS
+@given(
+    p=st.integers(1, 300),
+    weights=st.lists(st.floats(0.5, 1000.0), min_size=1, max_size=19),
+    seed=st.integers(0, 2**16),
+)
+def test_fold_many_matches_reference_and_single_folds(p: int, weights: list[float], seed: int) -> None:
+    updates = _updates(seed, len(weights), p)
+    w = np.asarray(weights, dtype=np.float64)
+    expected = (w[:, None] * updates.astype(np.float64)).sum(axis=0) / w.sum()
+    state = fedavg_fold_many(fedavg_init(p), [aligned_copy(u) for u in updates], weights)
+    np.testing.assert_allclose(np.asarray(fedavg_result(state)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(state.weight), w.sum(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(fedavg_result(state)), np.asarray(_fold_all(updates, weights)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def aligned_copy(u: np.ndarray[Any, np.dtype[Any]]) -> np.ndarray[Any, np.dtype[Any]]:
+    out = aligned_empty(u.size)
+    out[:] = u
+    return out
+
+
+def test_fold_many_donates_and_rejects_bad_input() -> None:
+    state = fedavg_init(4)
+    old = state.acc
+    state = fedavg_fold_many(state, [np.ones(4, np.float32)] * 3, [1.0, 2.0, 3.0])
+    assert old.is_deleted()
+    np.testing.assert_allclose(np.asarray(fedavg_result(state)), np.ones(4))
+    with pytest.raises(ValueError, match="2 updates but 1 weights"):
+        fedavg_fold_many(state, [np.ones(4, np.float32)] * 2, [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        fedavg_fold_many(state, [np.ones(4, np.float32)] * 2, [1.0, float("nan")])
+    with pytest.raises(ValueError, match="shape"):
+        fedavg_fold_many(state, [np.ones(4, np.float32), np.ones(5, np.float32)], [1.0, 1.0])

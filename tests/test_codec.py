@@ -360,3 +360,44 @@ def test_rejections_via_mutation_never_crash() -> None:
 
 def test_num_params() -> None:
     assert num_params(SPECS) == P == sum(math.prod(s) for _, s in SPECS) == 23
+
+
+def test_zero_copy_decode_uses_the_aligned_body_in_place() -> None:
+    from safetensors.numpy import save
+
+    from fedscaled.core.aligned import aligned_at
+    from fedscaled.core.codec import data_offset, wire_order
+    from fedscaled.core.models import build
+
+    model = build("mlp", (8, 8, 1), 10)
+    specs = wire_order(model.specs)
+    params = model.init(3)
+    body = save(params, metadata={"samples": "5"})
+    start = data_offset(body)
+    assert start is not None
+    placed = aligned_at(len(body), start)
+    placed[:] = np.frombuffer(body, dtype=np.uint8)
+    decoded = decode_update(placed.data, specs)
+    assert np.shares_memory(decoded.flat, placed)  # no copy
+    assert decoded.flat.ctypes.data % 64 == 0
+    expected = np.concatenate([params[name].reshape(-1) for name, _ in specs])
+    np.testing.assert_array_equal(decoded.flat, expected)
+    # The same bytes at an unaligned address, or in another order, are copied (and still right).
+    shifted = aligned_at(len(body) + 1, start)[1:]  # its data section one byte past alignment
+    shifted[:] = np.frombuffer(body, dtype=np.uint8)
+    copied = decode_update(shifted.data, specs)
+    assert not np.shares_memory(copied.flat, shifted)
+    np.testing.assert_array_equal(copied.flat, expected)
+    in_model_order = decode_update(placed.data, model.specs)
+    assert not np.shares_memory(in_model_order.flat, placed)
+    # NaN is caught on the zero-copy path too, naming the tensor.
+    poisoned = dict(params)
+    poisoned["dense_1/bias"] = poisoned["dense_1/bias"].copy()
+    poisoned["dense_1/bias"][3] = np.nan
+    bad = save(poisoned)
+    bad_start = data_offset(bad)
+    assert bad_start is not None
+    placed_bad = aligned_at(len(bad), bad_start)
+    placed_bad[:] = np.frombuffer(bad, dtype=np.uint8)
+    with pytest.raises(InvalidTensor, match="'dense_1/bias' contains NaN or Inf"):
+        decode_update(placed_bad.data, specs)

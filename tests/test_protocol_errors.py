@@ -650,8 +650,11 @@ def test_valid_upload_after_errors_counts_once(env: Env) -> None:
     assert first.status == 200, first.describe()
     assert first.body == {"accepted": True, "task_id": task_a, "round": 1, "duplicate": False}
     phase = env.status("dup")["phase"]
-    stored = env.store_dump("dup")["updates"]
-    assert len(stored) == 1 and next(iter(stored)).endswith(task_a.encode())
+    # FedAvg keeps the round's running sum, not the updates: one accepted update in it.
+    stored = env.store_dump("dup")["sums"]
+    assert env.store_dump("dup")["updates"] == {}
+    meta = next(json.loads(v) for k, v in stored.items() if k.endswith(b"meta"))
+    assert meta["accepted"] == 1 and meta["weight"] == 10
     # ...and re-sending it (even a different body) is answered the same, marked duplicate, counted once.
     for body in (save(weights_a, samples="10", loss="0.5"), save(weights_b, samples="999", loss="9")):
         again = world.upload(a, task_a, body)
@@ -659,7 +662,7 @@ def test_valid_upload_after_errors_counts_once(env: Env) -> None:
         assert again.body == {**first.body, "duplicate": True}
     status = env.status("dup")
     assert status["phase"] == phase and status["metrics"] == [], "a duplicate moved the round"
-    assert env.store_dump("dup")["updates"] == stored
+    assert env.store_dump("dup")["sums"] == stored
     after = env.metrics()
     assert after.get(sample_key(UPLOADS, job="dup", outcome="accepted"), 0) - \
         before.get(sample_key(UPLOADS, job="dup", outcome="accepted"), 0) == 1

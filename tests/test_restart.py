@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -18,6 +19,7 @@ from tests.daemon_proc import DaemonProcess, ctl
 JOB = """\
 job_conf:
   - job_name: durable
+  - aggregator: {aggregator}
   - model: linear
   - input_shape: 4 4 1
   - num_classes: 3
@@ -69,9 +71,10 @@ def trained(base: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
     return {name: (value + scale).astype(np.float32) for name, value in base.items()}
 
 
-def test_kill_mid_round_then_resume_counts_each_update_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("aggregator", ["fedavg", "median"])
+def test_kill_mid_round_then_resume_counts_each_update_once(tmp_path: Path, aggregator: str) -> None:
     job_file = tmp_path / "job.yml"
-    job_file.write_text(JOB)
+    job_file.write_text(JOB.format(aggregator=aggregator))
     data = tmp_path / "state"
     daemon = DaemonProcess(data).start()
     try:
@@ -132,7 +135,11 @@ def test_kill_mid_round_then_resume_counts_each_update_once(tmp_path: Path) -> N
         new = st_load(raw)
         weights = np.array(samples, dtype=np.float64)
         for name, value in base.items():
-            expected = sum(w * (value.astype(np.float64) + i + 1) for i, w in enumerate(weights)) / weights.sum()
+            uploaded = [value.astype(np.float64) + i + 1 for i in range(3)]
+            if aggregator == "fedavg":
+                expected = sum(w * u for w, u in zip(weights, uploaded, strict=True)) / weights.sum()
+            else:
+                expected = np.median(uploaded, axis=0)  # +2: a double-counted update would shift it
             np.testing.assert_allclose(new[name], expected, rtol=1e-5, atol=1e-5)
         logs = ctl(again.socket_path, "logs", "durable").stdout
         assert "round: 1, Planned participants: 3, Succeed participants: 3" in logs

@@ -54,3 +54,16 @@ def as_aligned(a: np.ndarray[Any, np.dtype[Any]]) -> np.ndarray[Any, np.dtype[An
     out = aligned_empty(a.size, a.dtype)
     out[:] = a.reshape(-1)
     return out
+
+
+def aligned_at(nbytes: int, offset: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """A uint8 buffer of ``nbytes`` whose byte ``offset`` (not byte 0) is 64-byte aligned.
+
+    For reading a safetensors body so that its data section, which starts after a header of variable
+    length, lands aligned and can be used as float32 tensors without a copy.
+    """
+    if nbytes < 0 or not 0 <= offset <= max(nbytes, 0):
+        raise ValueError(f"aligned_at needs 0 <= offset <= nbytes, got offset={offset}, nbytes={nbytes}")
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    shift = (-(raw.ctypes.data + offset)) % ALIGNMENT
+    return raw[shift : shift + nbytes]

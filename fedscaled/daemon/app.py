@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -157,8 +158,31 @@ class Daemon:
             log.info("fedscaled stopped cleanly in %.2fs", time.monotonic() - began)
 
 
+def pin_malloc_thresholds() -> bool:
+    """Keep large buffers (upload bodies, decoded models) out of glibc's heap.
+
+    glibc raises its mmap threshold to the size of each freed mmapped chunk, so after the first upload
+    every later multi-megabyte body comes from the heap, where fragmentation keeps it resident after it
+    is freed: RSS then grows with the number of uploads. A fixed threshold (setting it disables the
+    dynamic one) returns every large buffer to the kernel when freed. No-op where glibc is absent.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    ok = bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold,
+                                                                                     TRIM_THRESHOLD))
+    return ok
+
+
+MMAP_THRESHOLD = 1 << 20  # buffers of 1 MiB and more get their own mapping
+TRIM_THRESHOLD = 8 << 20  # give back heap tops above 8 MiB
+
+
 def run_daemon(config: DaemonConfig, launched_at: float | None = None) -> None:
     """Run the daemon in this process until SIGTERM/SIGINT."""
+    pin_malloc_thresholds()
     asyncio.run(Daemon(config, launched_at).run())
 
 

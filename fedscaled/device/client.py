@@ -511,6 +511,10 @@ class DeviceClient:
                 break
             except ProtocolError as exc:
                 self.stats.count_error(exc.code)
+                if exc.code == errors.JobNotActive.code and self.token is not None and self.stats.done_state is None:
+                    # The job ended while this device worked: the next check-in says how ("done").
+                    self.stats.dropped_tasks += 1
+                    continue
                 if exc.code in JOB_OVER_CODES:
                     self.stats.done_state = exc.code
                     break

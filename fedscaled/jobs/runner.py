@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from fedscaled.core import aggregate, codec, rounds
-from fedscaled.core.aligned import aligned_empty
 from fedscaled.core.config import JobConfig
 from fedscaled.core.models import ModelDef, build
 from fedscaled.core.results import test_result, update_metadata
@@ -32,6 +31,7 @@ from fedscaled.errors import (
     WrongRound,
     WrongTaskKind,
 )
+from fedscaled.jobs.durable_sum import DurableSum
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
 from fedscaled.jobs.robust import robust_aggregate
 from fedscaled.metrics import Metrics
@@ -83,13 +83,15 @@ class JobRunner:
         record = registry.get(name)
         self.config = JobConfig.from_record(record["config"])
         self.model = model_of(self.config)
-        self.specs = self.model.specs
+        # The daemon's flat order: tensors sorted by name, as the safetensors library writes them, so that
+        # most uploads decode in place (see codec.decode_update).
+        self.specs = codec.wire_order(self.model.specs)
         self.num_params = self.model.num_params
         self.pool: dict[str, Waiter] = {}
         self.phase: Phase | None = None
         self.tasks: dict[str, Task] = {}
         self.by_device: dict[str, str] = {}
-        self.fedavg: aggregate.FedAvgState | None = None
+        self.sum: DurableSum | None = None  # the open training phase's FedAvg sum (aggregator fedavg)
         self.accepted = 0
         self.inflight = 0
         self.receiving: dict[str, asyncio.Future[None]] = {}  # task id -> resolves when its upload is handled
@@ -153,18 +155,16 @@ class JobRunner:
             self.tasks[task_id] = task
             self.by_device[task.device_id] = task_id
         if phase.kind == TRAIN:
-            self._reset_fedavg()
-            prefix = key(self.name, phase.phase_id)
-            for k in self.store.scan_keys("updates", prefix):
-                stored = self.tasks.get(k[len(prefix):].decode())
-                if stored is None or not stored.done:
-                    continue
-                flat = None
-                if self.streaming:
-                    # A fresh aligned buffer per update: the fold may alias it (zero-copy device_put).
-                    flat = aligned_empty(self.num_params)
-                    self.store.get_into("updates", k, flat.data.cast("B"))
-                self._fold(flat, stored)
+            self._reset_sums(phase.phase_id)
+            if self.streaming:
+                self.sum = DurableSum.restore(self.store, self.name, phase.phase_id, self.num_params)
+                self._sync_counts()
+            else:
+                prefix = key(self.name, phase.phase_id)
+                for k in self.store.scan_keys("updates", prefix):
+                    stored = self.tasks.get(k[len(prefix):].decode())
+                    if stored is not None and stored.done:
+                        self._count(stored, self._weight(stored))
             log.info("job %s: resumed round %d with %d accepted updates", self.name, phase.round, self.accepted)
         else:
             self.test_results = [t.result for t in self.tasks.values() if t.done]
@@ -261,7 +261,7 @@ class JobRunner:
         self.test_results = []
         self.closing = False
         if plan.kind == TRAIN:
-            self._reset_fedavg()
+            self._reset_sums(phase_id)
         self.metrics.round.labels(self.name).set(plan.round)
         for device_id, task in ((t.device_id, t) for t in tasks.values()):
             waiter = self.pool.pop(device_id)
@@ -282,8 +282,8 @@ class JobRunner:
         """FedAvg folds each update as it arrives; robust aggregators read the stored updates at close."""
         return bool(self.config["aggregator"] == "fedavg")
 
-    def _reset_fedavg(self) -> None:
-        self.fedavg = aggregate.fedavg_init(self.num_params) if self.streaming else None
+    def _reset_sums(self, phase_id: int) -> None:
+        self.sum = DurableSum(self.store, self.name, phase_id, self.num_params) if self.streaming else None
         self.accepted = 0
         self.loss_sum = 0.0
         self.loss_weight = 0.0
@@ -399,38 +399,47 @@ class JobRunner:
         return {"accepted": True, "task_id": task.task_id, "round": task.round, "duplicate": duplicate}
 
     async def accept_update(self, task: Task, body: memoryview) -> dict[str, Any]:
-        """Validate, persist (synced) and fold a training upload of a reserved task."""
+        """Validate a training upload of a reserved task and make it durable; then it counts."""
         decoded = codec.decode_update(body, self.specs)
-        meta = update_metadata(decoded.metadata)
-        task.done = True
-        task.result = meta
-        batch = (WriteBatch().put("updates", key(self.name, task.phase_id, task.task_id), decoded.flat.data)
-                 .put_json("tasks", key(self.name, task.task_id), task.to_record()))
+        task.result = update_metadata(decoded.metadata)
+        weight = self._weight(task)
         try:
-            await self.store.commit(batch)
+            if self.sum is not None:
+                # FedAvg: folded into the running sum, which is committed with the task (durable_sum).
+                await self.sum.add(task, decoded.flat, weight)
+                self._sync_counts()
+            else:
+                # Robust aggregators need every update at close: store it, with its task, in one commit.
+                task.done = True
+                await self.store.commit(
+                    WriteBatch().put("updates", key(self.name, task.phase_id, task.task_id), decoded.flat.data)
+                    .put_json("tasks", key(self.name, task.task_id), task.to_record()))
+                self._count(task, weight)
         except BaseException:
             task.done = False
             task.result = {}
             raise
-        self._fold(decoded.flat if self.streaming else None, task)
         self.last_accept_at = time.monotonic()
         self.metrics.upload_bytes.labels(self.name).inc(len(body))
         return self.accepted_answer(task, duplicate=False)
 
-    def _fold(self, flat: np.ndarray[Any, np.dtype[np.float32]] | None, task: Task) -> None:
-        """Count an accepted update: fold it into the running FedAvg sum, and its loss into the mean."""
-        samples = int(task.result["samples"])
+    def _weight(self, task: Task) -> float:
+        """The FedAvg weight of an accepted update."""
         if self.config["weighting"] == "uniform":
-            weight = 1.0
-        else:
-            # Never trust a phone's claim beyond what it reported when it was selected.
-            weight = float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
-        if flat is not None:
-            assert self.fedavg is not None
-            self.fedavg = aggregate.fedavg_fold(self.fedavg, flat, weight)
+            return 1.0
+        samples = int(task.result["samples"])
+        # Never trust a phone's claim beyond what it reported when it was selected.
+        return float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
+
+    def _count(self, task: Task, weight: float) -> None:
+        """Count an accepted update of a robust-aggregator round, and its loss into the mean."""
         self.accepted += 1
         self.loss_sum += float(task.result["loss"]) * weight
         self.loss_weight += weight
+
+    def _sync_counts(self) -> None:
+        assert self.sum is not None
+        self.accepted, self.loss_sum, self.loss_weight = self.sum.accepted, self.sum.loss_sum, self.sum.loss_weight
 
     async def accept_result(self, task: Task, body: Any) -> dict[str, Any]:
         """Validate and persist a test task's result counts."""
@@ -465,7 +474,8 @@ class JobRunner:
 
     async def _close_training(self, phase: Phase, record: dict[str, Any]) -> None:
         wall = time.time() - self.started_at
-        batch = WriteBatch().delete_prefix("updates", key(self.name, phase.phase_id))
+        batch = (WriteBatch().delete_prefix("updates", key(self.name, phase.phase_id))
+                 .delete_prefix("sums", key(self.name, phase.phase_id)))
         if self.accepted < phase.quorum:
             attempt = phase.attempt + 1
             self.metrics.rounds.labels(self.name, TRAIN, "below_quorum").inc()
@@ -482,10 +492,10 @@ class JobRunner:
                 f"retrying the round", level="WARNING", batch=batch)
             return
         began = time.monotonic()
-        if self.streaming:
-            assert self.fedavg is not None
-            new_flat = np.asarray(aggregate.fedavg_result(self.fedavg))
-            self.fedavg = None
+        if self.sum is not None:
+            await self.sum.drain()
+            new_flat = np.asarray(aggregate.fedavg_result(self.sum.state))
+            self.sum = None
         else:
             keys = self.store.scan_keys("updates", key(self.name, phase.phase_id))
             # CPU-bound over k stored updates: off the event loop, so devices keep being answered.

@@ -13,6 +13,7 @@ import aiohttp.http_exceptions
 from aiohttp import web
 
 from fedscaled import __version__
+from fedscaled.core import codec
 from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Task
 from fedscaled.errors import (
     BadRequest,
@@ -25,9 +26,11 @@ from fedscaled.errors import (
 from fedscaled.http_errors import error_middleware
 from fedscaled.jobs.engine import Engine
 from fedscaled.jobs.runner import JobRunner, TaskBusy
+from fedscaled.server.body_pool import BodyPool, Raw
 from fedscaled.server.openapi import openapi_document
 
 ENGINE_KEY = web.AppKey("engine", Engine)
+BODY_POOL_KEY = web.AppKey("body_pool", BodyPool)
 MAX_JSON_BODY = 64 * 1024
 VERSION_RE = re.compile(r"[0-9]{1,40}")  # ASCII digits only (str.isdigit() also takes '²' and '٣')
 MAX_VERSION = 2**63 - 1
@@ -154,16 +157,28 @@ async def reserve(engine: Engine, job: str, device_id: str, task_id: str, kind: 
     raise Overloaded("an upload for this task is still being received; retry later", retry_after=5)
 
 
-async def read_body(request: web.Request, limit: int) -> memoryview:
-    """Stream the request body into one preallocated buffer (no chunk list, no join)."""
+async def read_body(request: web.Request, limit: int, pool: BodyPool, held: list[Raw]) -> memoryview:
+    """Stream the request body into one buffer from ``pool`` (no chunk list, no join).
+
+    The raw buffer is appended to ``held``; the caller releases it when the body is no longer used.
+    """
     length = request.content_length
     if length is None:
         return await _read_chunked(request, limit)
     if length > limit:
         raise PayloadTooLarge(f"body of {length} bytes exceeds this job's limit of {limit}", limit=limit)
-    buffer = bytearray(length)
-    view = memoryview(buffer)
-    position = 0
+    # Read the 8-byte header length first, then place the body so that its data section starts 64-byte
+    # aligned: the codec can then use the tensors where they lie instead of copying them.
+    try:
+        head = await request.content.readexactly(min(8, length))
+    except asyncio.IncompleteReadError as exc:
+        raise InvalidTensor(f"truncated body: {len(exc.partial)} of {length} bytes") from None
+    data_start = codec.data_offset(head)
+    raw, buffer = pool.acquire(length, data_start if data_start is not None and data_start <= length else 0)
+    held.append(raw)
+    view = buffer.data
+    view[: len(head)] = head
+    position = len(head)
     while True:
         chunk = await _next_chunk(request)
         if not chunk:
@@ -220,8 +235,14 @@ async def _upload(request: web.Request) -> web.Response:
         return web.json_response(duplicate)
     try:
         began = time.perf_counter()
-        body = await read_body(request, limit)
-        answer = await runner.accept_update(task, body)
+        held: list[Raw] = []
+        try:
+            body = await read_body(request, limit, request.app[BODY_POOL_KEY], held)
+            answer = await runner.accept_update(task, body)
+        finally:
+            # The update is committed (or refused) and folded: its body buffer can take the next upload.
+            for raw in held:
+                request.app[BODY_POOL_KEY].release(raw)
         engine.metrics.ingest_seconds.observe(time.perf_counter() - began)
     finally:
         runner.release(task_id)
@@ -260,6 +281,7 @@ def build_device_app(engine: Engine) -> web.Application:
     # Uploads are streamed by read_body with a per-job limit; client_max_size bounds everything else.
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_JSON_BODY)
     app[ENGINE_KEY] = engine
+    app[BODY_POOL_KEY] = BodyPool()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)

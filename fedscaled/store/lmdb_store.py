@@ -13,7 +13,9 @@ models     job ``\\0`` version (u64 BE)          model weights (safetensors byte
 devices    job ``\\0`` device id                 device record (JSON; token stored hashed)
 tokens     token hash                          job ``\\0`` device id
 tasks      job ``\\0`` task id                   task record (JSON)
-updates    job ``\\0`` round (u64 BE) task id    accepted update: raw little-endian float32
+updates    job ``\\0`` phase (u64 BE) task id    accepted update (robust aggregators): raw float32
+sums       job ``\\0`` phase (u64 BE) ``acc``    FedAvg running sum of the open phase: raw float32
+sums       job ``\\0`` phase (u64 BE) ``meta``   its weight, loss sums and accepted count (JSON)
 =========  ==================================  =========================================
 
 Every write goes through :meth:`Store.commit`, one synced transaction, on one writer thread (LMDB write
@@ -39,7 +41,7 @@ import lmdb
 from fedscaled.errors import StoreError
 
 SCHEMA_VERSION = 1
-DATABASES = ("meta", "jobs", "events", "models", "devices", "tokens", "tasks", "updates")
+DATABASES = ("meta", "jobs", "events", "models", "devices", "tokens", "tasks", "updates", "sums")
 INITIAL_MAP_SIZE = 1 << 30  # 1 GiB: sparse on Linux, grows on demand
 # Group commit bounds: enough to fold a burst of uploads into one fsync, small enough that one
 # transaction stays short and a failure retries little.
@@ -107,6 +109,8 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         try:
+            # No writemap: measured through the upload path it halved ingest (a page fault per 4 KiB written
+            # and an msync of the whole map per commit).
             self._env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DATABASES) + 2, sync=sync,
                                   metasync=sync, readahead=False, max_readers=256)
         except lmdb.Error as exc:
