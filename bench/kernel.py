@@ -1,11 +1,11 @@
 """Kernel: aggregating N updates of P float32 parameters, in update-bytes per second.
 
 Ours is the daemon's path: received safetensors bytes, placed by the server's ``read_body`` so that the
-data section is 64-byte aligned → ``decode_update`` (validates the header and finiteness; uses the
-tensors in place, no copy) → ``fedavg_fold_many`` in groups of 8 (jitted, accumulator donated; the
-daemon folds the uploads that one group commit released together), for all N, then
-``block_until_ready``. The floor is a jitted sum over the same bytes, already on the device (and via
-``device_put`` from aligned numpy): reading every byte once is the least any aggregation must do.
+data section is 64-byte aligned → ``decode_update`` (validates the header; uses the tensors in place,
+no copy) → ``fedavg_fold_many_checked`` in groups of 8 (jitted; the same pass says whether every value
+was finite, so the values are read once; the daemon folds the uploads that arrive while a commit
+syncs), for all N, then ``block_until_ready``. The floor is a jitted sum over the same bytes, already
+on the device (and via ``device_put`` from aligned numpy): reading every byte once is the least any aggregation must do.
 Baselines: Flower's ``aggregate`` (on ndarrays, as FedAvg(inplace=False) calls it after deserializing)
 and ``aggregate_inplace`` (on FitRes with serialized Parameters, as FedAvg's default calls it, including
 the deserialization), and a plain numpy ``acc += w * u`` loop.
@@ -79,13 +79,16 @@ def time_ours(bodies: Sequence[memoryview], specs: Sequence[TensorSpec], group: 
     pending: list[FloatArray] = []
     pending_w: list[float] = []
     for body, w in zip(bodies, ws, strict=True):
-        pending.append(codec.decode_update(body, specs).flat)
+        # Values are checked by the fold itself (one pass), as JobRunner/DurableSum do for FedAvg.
+        pending.append(codec.decode_update(body, specs, check_finite=False).flat)
         pending_w.append(w)
         if len(pending) == group:
-            state = aggregate.fedavg_fold_many(state, pending, pending_w)
+            state, finite = aggregate.fedavg_fold_many_checked(state, pending, pending_w)
+            assert finite
             pending, pending_w = [], []
     if pending:
-        state = aggregate.fedavg_fold_many(state, pending, pending_w)
+        state, finite = aggregate.fedavg_fold_many_checked(state, pending, pending_w)
+        assert finite
     state.acc.block_until_ready()
     return time.perf_counter() - began
 

@@ -19,6 +19,7 @@ from fedscaled.core.aggregate import (
     fedavg_fold,
     fedavg_fold_cache_size,
     fedavg_fold_many,
+    fedavg_fold_many_checked,
     fedavg_init,
     fedavg_result,
     krum_scores,
@@ -325,3 +326,18 @@ def test_fold_many_donates_and_rejects_bad_input() -> None:
         fedavg_fold_many(state, [np.ones(4, np.float32)] * 2, [1.0, float("nan")])
     with pytest.raises(ValueError, match="shape"):
         fedavg_fold_many(state, [np.ones(4, np.float32), np.ones(5, np.float32)], [1.0, 1.0])
+
+
+def test_fold_many_checked_keeps_the_input_and_flags_non_finite() -> None:
+    state = fedavg_init(5)
+    ups = [aligned_copy(np.full(5, v, np.float32)) for v in (1.0, 2.0, 3.0)]
+    new, finite = fedavg_fold_many_checked(state, ups, [1.0, 1.0, 2.0])
+    assert finite
+    assert not state.acc.is_deleted()  # the old sum survives for a failed commit
+    np.testing.assert_allclose(np.asarray(fedavg_result(new)), np.full(5, 2.25))
+    bad = aligned_copy(np.array([0, 0, np.inf, 0, 0], np.float32))
+    _, finite = fedavg_fold_many_checked(state, [*ups, bad], [1.0] * 4)
+    assert not finite
+    _, finite = fedavg_fold_many_checked(state, [aligned_copy(np.full(5, 3e38, np.float32))] * 2, [1.0, 1.0])
+    assert not finite  # overflow is caught too
+    np.testing.assert_array_equal(np.asarray(state.acc), np.zeros(5))

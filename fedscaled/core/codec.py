@@ -198,17 +198,30 @@ def _validate(
     return data_start, offsets, metadata
 
 
-def decode_update(body: Buffer, specs: Sequence[TensorSpec], out: FloatArray | None = None) -> Decoded:
+def decode_update(body: Buffer, specs: Sequence[TensorSpec], out: FloatArray | None = None, *,
+                  check_finite: bool = True) -> Decoded:
     """Validate a safetensors ``body`` against ``specs`` and give its tensors as one flat vector.
 
     See :func:`_decode`; numpy's floating-point warnings are silenced because NaN and Inf are
-    expected input here, reported as InvalidTensor.
+    expected input here, reported as InvalidTensor. ``check_finite=False`` leaves the values unchecked
+    for a caller that checks them itself (the daemon's FedAvg fold does, in the same pass; then
+    :func:`nonfinite_error` names the culprit).
     """
     with np.errstate(invalid="ignore", over="ignore"):
-        return _decode(body, specs, out)
+        return _decode(body, specs, out, check_finite)
 
 
-def _decode(body: Buffer, specs: Sequence[TensorSpec], out: FloatArray | None = None) -> Decoded:
+def nonfinite_error(flat: FloatArray, specs: Sequence[TensorSpec]) -> InvalidTensor | None:
+    """The InvalidTensor naming the first tensor of ``flat`` that holds NaN or Inf, or None."""
+    try:
+        with np.errstate(invalid="ignore", over="ignore"):
+            _check_finite(flat, specs)
+    except InvalidTensor as exc:
+        return exc
+    return None
+
+
+def _decode(body: Buffer, specs: Sequence[TensorSpec], out: FloatArray | None, check_finite: bool) -> Decoded:
     """Validate a safetensors ``body`` against ``specs`` and copy its tensors into one flat vector.
 
     The result's ``flat`` is float32, 1-D, 64-byte aligned, of length ``num_params(specs)``, with the
@@ -228,7 +241,8 @@ def _decode(body: Buffer, specs: Sequence[TensorSpec], out: FloatArray | None = 
         # Zero copy: the tensors already lie in spec order at a 64-byte aligned address (the server
         # places the data section so), so the body itself is the flat vector; only check finiteness.
         view: FloatArray = np.frombuffer(mv, dtype=np.float32, count=total, offset=data_start)
-        _check_finite(view, specs)
+        if check_finite:
+            _check_finite(view, specs)
         return Decoded(view, metadata)
     if out is None:
         flat: FloatArray = aligned_empty(total, np.float32)
@@ -249,7 +263,7 @@ def _decode(body: Buffer, specs: Sequence[TensorSpec], out: FloatArray | None = 
             hi = min(lo + _BLOCK, count)
             dst = flat[pos + lo : pos + hi]
             np.copyto(dst, src[lo:hi])
-            if not _finite(dst):
+            if check_finite and not _finite(dst):
                 raise InvalidTensor(f"tensor {_show(name)} contains NaN or Inf", tensor=name)
         pos += count
     return Decoded(flat, metadata)

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from fedscaled.core import aggregate
+from fedscaled.core import aggregate, codec
 from fedscaled.core.aligned import aligned_empty
+from fedscaled.core.models import TensorSpec
 from fedscaled.core.rounds import Task
+from fedscaled.errors import InvalidTensor
 from fedscaled.store.lmdb_store import Store, WriteBatch, key
 
 FloatArray = np.ndarray[Any, np.dtype[np.float32]]
@@ -50,8 +53,10 @@ def sum_keys(job: str, phase_id: int) -> tuple[bytes, bytes]:
 class DurableSum:
     """The open training phase's FedAvg sum, committed group by group."""
 
-    def __init__(self, store: Store, job: str, phase_id: int, num_params: int) -> None:
+    def __init__(self, store: Store, job: str, phase_id: int, specs: Sequence[TensorSpec]) -> None:
         self.store = store
+        self.specs = tuple(specs)
+        num_params = codec.num_params(specs)
         self.job = job
         self.phase_id = phase_id
         self.num_params = num_params
@@ -63,9 +68,10 @@ class DurableSum:
         self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
-    def restore(cls, store: Store, job: str, phase_id: int, num_params: int) -> DurableSum:
+    def restore(cls, store: Store, job: str, phase_id: int, specs: Sequence[TensorSpec]) -> DurableSum:
         """The sum as last committed for this phase (empty if no upload was accepted yet)."""
-        durable = cls(store, job, phase_id, num_params)
+        durable = cls(store, job, phase_id, specs)
+        num_params = durable.num_params
         acc_key, meta_key = sum_keys(job, phase_id)
         meta = store.get_json("sums", meta_key)
         if meta is not None:
@@ -82,7 +88,8 @@ class DurableSum:
         """Fold ``flat`` (weight ``weight``) for ``task``; returns once it is durable in the stored sum.
 
         ``task.result`` must hold the validated metadata (samples, loss); ``task.done`` is set by the
-        commit that makes the update durable.
+        commit that makes the update durable. The values need not be checked beforehand: an update with
+        NaN or Inf (or one that overflows the sum) raises InvalidTensor here and changes nothing.
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(task, flat, weight, done))
@@ -109,15 +116,36 @@ class DurableSum:
                     if not pending.done.done():
                         pending.done.set_result(None)
 
-    def _fold(self, group: list[_Pending]) -> tuple[aggregate.FedAvgState, FloatArray]:
-        new_state = aggregate.fedavg_fold_many(self.state, [p.flat for p in group], [p.weight for p in group],
-                                               donate=False)
-        return new_state, np.asarray(new_state.acc)  # waits for the fold; a view of the result, no copy
+    def _fold(self, group: list[_Pending]
+              ) -> tuple[aggregate.FedAvgState, FloatArray, dict[int, InvalidTensor]]:
+        """Fold the group into a new state; (state, its sum as numpy, rejected uploads by index)."""
+        new_state, finite = aggregate.fedavg_fold_many_checked(self.state, [p.flat for p in group],
+                                                               [p.weight for p in group])
+        rejected: dict[int, InvalidTensor] = {}
+        if not finite:
+            # Rare: find the culprits, then fold the others. The old state was not donated, so it is intact.
+            new_state = self.state
+            for index, pending in enumerate(group):
+                error = codec.nonfinite_error(pending.flat, self.specs)
+                candidate, ok = (new_state, False) if error else aggregate.fedavg_fold_many_checked(
+                    new_state, [pending.flat], [pending.weight])
+                if error is None and not ok:
+                    error = InvalidTensor("update values are too large: the running sum would overflow float32")
+                if error is not None:
+                    rejected[index] = error
+                else:
+                    new_state = candidate
+        return new_state, np.asarray(new_state.acc), rejected  # waits for the fold; a view, no copy
 
     async def _commit_group(self, group: list[_Pending]) -> None:
         # The fold runs in a worker thread (XLA releases the GIL), so the event loop keeps reading the
         # next uploads off their sockets meanwhile.
-        new_state, acc = await asyncio.to_thread(self._fold, group)
+        new_state, acc, rejected = await asyncio.to_thread(self._fold, group)
+        for index, error in rejected.items():
+            group[index].done.set_exception(error)
+        group = [pending for index, pending in enumerate(group) if index not in rejected]
+        if not group:
+            return
         loss_sum = self.loss_sum + sum(float(p.task.result["loss"]) * p.weight for p in group)
         loss_weight = self.loss_weight + sum(p.weight for p in group)
         accepted = self.accepted + len(group)

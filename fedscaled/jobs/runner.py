@@ -157,7 +157,7 @@ class JobRunner:
         if phase.kind == TRAIN:
             self._reset_sums(phase.phase_id)
             if self.streaming:
-                self.sum = DurableSum.restore(self.store, self.name, phase.phase_id, self.num_params)
+                self.sum = DurableSum.restore(self.store, self.name, phase.phase_id, self.specs)
                 self._sync_counts()
             else:
                 prefix = key(self.name, phase.phase_id)
@@ -283,7 +283,7 @@ class JobRunner:
         return bool(self.config["aggregator"] == "fedavg")
 
     def _reset_sums(self, phase_id: int) -> None:
-        self.sum = DurableSum(self.store, self.name, phase_id, self.num_params) if self.streaming else None
+        self.sum = DurableSum(self.store, self.name, phase_id, self.specs) if self.streaming else None
         self.accepted = 0
         self.loss_sum = 0.0
         self.loss_weight = 0.0
@@ -400,7 +400,8 @@ class JobRunner:
 
     async def accept_update(self, task: Task, body: memoryview) -> dict[str, Any]:
         """Validate a training upload of a reserved task and make it durable; then it counts."""
-        decoded = codec.decode_update(body, self.specs)
+        # FedAvg checks the values while folding them (durable_sum); robust aggregators check them here.
+        decoded = codec.decode_update(body, self.specs, check_finite=self.sum is None)
         task.result = update_metadata(decoded.metadata)
         weight = self._weight(task)
         try:
