@@ -25,7 +25,7 @@ export FEDSCALED_SOCKET="$SOCKET"
 "$BIN/fedscalectl" submit configs/digits-mlp.yml
 TOKEN=$("$BIN/fedscalectl" status digits-mlp --json | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["enrollment_token"])')
 
-"$BIN/fedscaled-device" simulate --server "http://127.0.0.1:$PORT" --job digits-mlp --token "$TOKEN" \
+"$BIN/fedscaled-device" simulate --server "http://127.0.0.1:$PORT" --job digits-mlp --token="$TOKEN" \
   --devices "$DEVICES" --dataset digits --alpha 0.5 --seed 1 --max-seconds 600 > "$DATA_DIR/simulator.log" 2>&1 &
 SIM=$!
 "$BIN/fedscalectl" logs digits-mlp -f          # returns when the job ends

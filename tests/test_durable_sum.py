@@ -38,9 +38,9 @@ def test_group_with_a_bad_update_commits_the_good_ones_and_restores(tmp_path: Pa
     tasks = [task(i) for i in range(5)]
 
     async def run() -> list[BaseException | None]:
-        adds = [durable.add(tasks[0], good[0], 1.0), durable.add(tasks[1], nan, 1.0),
-                durable.add(tasks[2], good[1], 3.0), durable.add(tasks[3], huge, 1.0),
-                durable.add(tasks[4], flat([3e38] * 7), 1.0)]
+        adds = [durable.add(tasks[0], good[0], 1.0, tasks[0].result), durable.add(tasks[1], nan, 1.0, tasks[1].result),
+                durable.add(tasks[2], good[1], 3.0, tasks[2].result), durable.add(tasks[3], huge, 1.0, tasks[3].result),
+                durable.add(tasks[4], flat([3e38] * 7), 1.0, tasks[4].result)]
         return list(await asyncio.gather(*adds, return_exceptions=True))
 
     results = asyncio.run(run())
@@ -64,12 +64,12 @@ def test_failed_commit_leaves_the_sum_and_tasks_as_they_were(tmp_path: Path) -> 
     store = Store(tmp_path / "s")
     durable = DurableSum(store, "job", 1, SPECS)
     first = task(0)
-    asyncio.run(durable.add(first, flat([2.0] * 7), 1.0))
+    asyncio.run(durable.add(first, flat([2.0] * 7), 1.0, first.result))
     before = np.asarray(durable.state.acc).copy()
     store.close()  # every later commit fails
     second = task(1)
     with pytest.raises(Exception, match="closed"):
-        asyncio.run(durable.add(second, flat([5.0] * 7), 1.0))
+        asyncio.run(durable.add(second, flat([5.0] * 7), 1.0, second.result))
     assert not second.done
     assert durable.accepted == 1
     np.testing.assert_array_equal(np.asarray(durable.state.acc), before)

@@ -25,7 +25,7 @@ def simulate(daemon: DaemonProcess, job: str, *extra: str, max_seconds: int = 24
     token = job_status(daemon, job)["enrollment_token"]
     return subprocess.run(
         [sys.executable, "-m", "fedscaled.device.cli", "simulate", "--server", daemon.url, "--job", job,
-         "--token", token, "--max-seconds", str(max_seconds), *extra],
+         f"--token={token}", "--max-seconds", str(max_seconds), *extra],
         capture_output=True, text=True, timeout=max_seconds + 60, check=False)
 
 
@@ -126,7 +126,7 @@ def test_two_jobs_run_at_once_and_a_failing_one_does_not_stall_the_other(daemon:
     token_b = job_status(daemon, "job-b")["enrollment_token"]
     procs = [
         subprocess.Popen([sys.executable, "-m", "fedscaled.device.cli", "simulate", "--server", daemon.url,
-                          "--job", job, "--token", token, "--devices", "12", "--dataset", "digits",
+                          "--job", job, f"--token={token}", "--devices", "12", "--dataset", "digits",
                           "--max-seconds", "150"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for job, token in (("job-a", token_a), ("job-b", token_b))
     ]

@@ -143,3 +143,37 @@ def test_kill_mid_round_then_resume_counts_each_update_once(tmp_path: Path, aggr
             np.testing.assert_allclose(new[name], expected, rtol=1e-5, atol=1e-5)
         logs = ctl(again.socket_path, "logs", "durable").stdout
         assert "round: 1, Planned participants: 3, Succeed participants: 3" in logs
+
+
+def test_stopping_mid_round_drops_the_round_state_and_replace_starts_clean(tmp_path: Path) -> None:
+    from fedscaled.store.lmdb_store import SEP, Store, key
+
+    job_file = tmp_path / "job.yml"
+    job_file.write_text(JOB.format(aggregator="fedavg"))
+    data = tmp_path / "state"
+    with DaemonProcess(data) as daemon:
+        assert ctl(daemon.socket_path, "submit", str(job_file)).returncode == 0
+        token = json.loads(ctl(daemon.socket_path, "status", "durable", "--json").stdout)["enrollment_token"]
+        tokens = [call("POST", f"{daemon.url}/v1/jobs/durable/enroll",
+                       json.dumps({"enrollment_token": token}).encode())[1]["token"] for _ in range(3)]
+        for t, answer in zip(tokens, checkin_all(daemon.url, "durable", tokens), strict=True):
+            result = {"samples": 10, "correct_top1": 3, "correct_top5": 10, "loss_sum": 11.0}
+            call("POST", f"{daemon.url}/v1/jobs/durable/tasks/{answer['task']['task_id']}/result",
+                 json.dumps(result).encode(), t)
+        trains = checkin_all(daemon.url, "durable", tokens)
+        _, raw = call("GET", f"{daemon.url}/v1/jobs/durable/models/0", token=tokens[0])
+        body = st_save(trained(st_load(raw), 1.0), metadata={"samples": "10", "loss": "0.5"})
+        status, _ = call("PUT", f"{daemon.url}/v1/jobs/durable/tasks/{trains[0]['task']['task_id']}/update", body,
+                         tokens[0], "application/octet-stream")
+        assert status == 200
+        assert ctl(daemon.socket_path, "stop", "durable").returncode == 0
+        assert ctl(daemon.socket_path, "submit", str(job_file), "--replace").returncode == 0
+    store = Store(data / "store")
+    try:
+        assert store.count("sums", key("durable") + SEP) == 0  # the old round's sum went with the old job
+        assert store.count("updates", key("durable") + SEP) == 0
+    finally:
+        store.close()
+    with DaemonProcess(data) as again:  # and a restart resumes the new job cleanly
+        status_json = json.loads(ctl(again.socket_path, "status", "durable", "--json").stdout)
+        assert status_json["state"] == "pending" and status_json["metrics"] == []

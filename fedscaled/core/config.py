@@ -428,7 +428,8 @@ def parse_job_text(text: str) -> JobConfig:
     values.update(parse.values)
     _check_cross_fields(values)
     if not values["enrollment_token"]:
-        values["enrollment_token"] = secrets.token_urlsafe(24)
+        # Hex, so that a generated token never starts with "-" (a command line would take it for an option).
+        values["enrollment_token"] = secrets.token_hex(20)
     return JobConfig(name=values["job_name"], values=values, mode=mode, ignored=tuple(parse.ignored),
                      source_text=text)
 

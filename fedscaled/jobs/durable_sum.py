@@ -42,6 +42,7 @@ class _Pending:
     task: Task
     flat: FloatArray
     weight: float
+    result: dict[str, Any]  # validated metadata (samples, loss), set on the task once durable
     done: asyncio.Future[None]
 
 
@@ -84,15 +85,17 @@ class DurableSum:
                 durable.loss_weight = float(meta["loss_weight"])
         return durable
 
-    async def add(self, task: Task, flat: FloatArray, weight: float) -> None:
+    async def add(self, task: Task, flat: FloatArray, weight: float, result: dict[str, Any]) -> None:
         """Fold ``flat`` (weight ``weight``) for ``task``; returns once it is durable in the stored sum.
 
-        ``task.result`` must hold the validated metadata (samples, loss); ``task.done`` is set by the
-        commit that makes the update durable. The values need not be checked beforehand: an update with
-        NaN or Inf (or one that overflows the sum) raises InvalidTensor here and changes nothing.
+        ``result`` is the validated metadata (samples, loss); ``task.result`` and ``task.done`` are set
+        once the commit that makes the update durable returns. The values need not be checked
+        beforehand: an update with NaN or Inf (or one that overflows the sum) raises InvalidTensor here
+        and changes nothing. ``flat`` must stay untouched until this returns (or, if the caller is
+        cancelled, until :meth:`drain` returns).
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(task, flat, weight, done))
+        self._queue.append(_Pending(task, flat, weight, result, done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name=f"fedavg-{self.job}")
         await done
@@ -146,7 +149,7 @@ class DurableSum:
         group = [pending for index, pending in enumerate(group) if index not in rejected]
         if not group:
             return
-        loss_sum = self.loss_sum + sum(float(p.task.result["loss"]) * p.weight for p in group)
+        loss_sum = self.loss_sum + sum(float(p.result["loss"]) * p.weight for p in group)
         loss_weight = self.loss_weight + sum(p.weight for p in group)
         accepted = self.accepted + len(group)
         meta = {"weight": float(new_state.weight), "loss_sum": loss_sum, "loss_weight": loss_weight,
@@ -155,11 +158,11 @@ class DurableSum:
         batch = WriteBatch().put("sums", acc_key, acc.data.cast("B")).put("sums", meta_key,
                                                                           json.dumps(meta).encode())
         for pending in group:
-            record = pending.task.to_record()
-            record["done"] = True
+            record = {**pending.task.to_record(), "done": True, "result": pending.result}
             batch.put_json("tasks", key(self.job, pending.task.task_id), record)
         await self.store.commit(batch)
         for pending in group:
+            pending.task.result = pending.result
             pending.task.done = True
         self.state = new_state
         self.accepted, self.loss_sum, self.loss_weight = accepted, loss_sum, loss_weight

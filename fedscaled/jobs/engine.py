@@ -39,6 +39,7 @@ class Engine:
         self.runners: dict[str, JobRunner] = {}
         self.shutting_down = False
         self._pool_budget = [max_pending_checkins]
+        self._retiring: set[asyncio.Task[None]] = set()
         registry.on_submit = self._add_initial_model
         registry.on_state_change.append(self._state_changed)
 
@@ -63,7 +64,7 @@ class Engine:
 
     async def stop(self) -> None:
         """Stop every job's loop (their state stays in the store)."""
-        await asyncio.gather(*(runner.cancel() for runner in self.runners.values()))
+        await asyncio.gather(*(runner.cancel() for runner in self.runners.values()), *self._retiring)
         self.runners.clear()
 
     def _add_initial_model(self, config: JobConfig, batch: WriteBatch) -> None:
@@ -81,13 +82,20 @@ class Engine:
         runner = self.runners.get(name)
         if record["state"] in ACTIVE_STATES:
             if runner is not None:  # replaced job: drop the old runner's state
-                asyncio.get_running_loop().create_task(runner.cancel())
+                self._retire(runner)
             self.devices.forget_job(name)
             if not self.shutting_down:
                 self._start_runner(name)
         elif runner is not None:
             runner.ended(record["state"])
             self.runners.pop(name, None)
+            self._retire(runner)
+
+    def _retire(self, runner: JobRunner) -> None:
+        """Cancel a runner that no longer drives its job; :meth:`stop` waits for it."""
+        retiring = asyncio.get_running_loop().create_task(runner.cancel())
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
 
     # ------------------------------------------------------------------ lookups
     def job_config(self, job: str) -> JobConfig:

@@ -21,7 +21,7 @@ ACTIVE_STATES = ("pending", "running")
 ENDED_STATES = ("finished", "stopped", "failed")
 
 # Per-job databases whose keys start with ``job\0``: wiped when a job is replaced.
-JOB_SCOPED_DBS = ("events", "models", "devices", "tasks", "updates")
+JOB_SCOPED_DBS = ("events", "models", "devices", "tasks", "updates", "sums")
 
 
 class JobRegistry:
@@ -143,8 +143,10 @@ class JobRegistry:
         record = self.get(name)
         if record["state"] not in ACTIVE_STATES:
             raise JobNotActive(f"job {name!r} is already {record['state']}", job=name, state=record["state"])
+        # An ended job never resumes its round: drop the round's stored updates and running sum.
+        batch = (WriteBatch().delete_prefix("updates", key(name) + SEP).delete_prefix("sums", key(name) + SEP))
         record = await self.update(name, {"state": state, "reason": reason, "ended_at": time.time(), "phase": None},
-                                   f"Job {name} {state}: {reason}", level=level,
+                                   f"Job {name} {state}: {reason}", level=level, batch=batch,
                                    event_fields={"state": state})
         self._changed(name, record)
         return record

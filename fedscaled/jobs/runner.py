@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -38,6 +39,8 @@ from fedscaled.metrics import Metrics
 from fedscaled.store.lmdb_store import WriteBatch, key
 
 log = logging.getLogger("fedscaled.jobs")
+
+FloatArray = np.ndarray[Any, np.dtype[np.float32]]
 
 DRAIN_SECONDS = 30.0
 SHUTDOWN_RETRY = {"min": 1.0, "max": 5.0}
@@ -94,6 +97,8 @@ class JobRunner:
         self.sum: DurableSum | None = None  # the open training phase's FedAvg sum (aggregator fedavg)
         self.accepted = 0
         self.inflight = 0
+        self.committing = 0  # results whose durable commit is under way (robust and test paths)
+        self.sealed = False  # the open phase takes no more results (it is closing)
         self.receiving: dict[str, asyncio.Future[None]] = {}  # task id -> resolves when its upload is handled
         self.closing = False
         self.loss_sum = 0.0
@@ -104,6 +109,7 @@ class JobRunner:
         self.shutting_down = False
         self.started_at = record["created_at"]
         self._task: asyncio.Task[None] | None = None
+        self._aggregation: asyncio.Future[FloatArray] | None = None
         self._latest: tuple[int, bytes] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -113,12 +119,18 @@ class JobRunner:
         self._task = asyncio.create_task(self._run(), name=f"job-{self.name}")
 
     async def cancel(self) -> None:
-        """Stop the loop (the job's state stays in the store)."""
+        """Stop the loop and wait for the work it started (the job's state stays in the store)."""
         self.release_waiters(SHUTDOWN_RETRY, "shutting_down")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # Commits and aggregation already under way finish before the store may close.
+        with contextlib.suppress(Exception):
+            if self.sum is not None:
+                await asyncio.wait_for(self.sum.drain(), DRAIN_SECONDS)
+            if self._aggregation is not None:
+                await asyncio.wait_for(asyncio.shield(self._aggregation), DRAIN_SECONDS)
 
     def ended(self, state: str) -> None:
         """The job ended (stop from the operator): tell waiting devices, stop the loop."""
@@ -127,6 +139,14 @@ class JobRunner:
                 waiter.answer.set_result({"action": "done", "state": state})
         self._clear_pool()
         self.wake.set()
+        if self._task is not None and self._task is not asyncio.current_task():
+            # A round being closed must not write into the ended (or replacing) job's record.
+            self._task.cancel()
+
+    def _check_mine(self) -> None:
+        """Stop when the job was replaced under this runner (same name, new job)."""
+        if self.registry.get(self.name)["created_at"] != self.started_at:
+            raise asyncio.CancelledError
 
     def release_waiters(self, window: dict[str, float], reason: str) -> None:
         """Answer every held check-in with 'come back later'."""
@@ -164,7 +184,7 @@ class JobRunner:
                 for k in self.store.scan_keys("updates", prefix):
                     stored = self.tasks.get(k[len(prefix):].decode())
                     if stored is not None and stored.done:
-                        self._count(stored, self._weight(stored))
+                        self._count(stored, self._weight(stored, stored.result))
             log.info("job %s: resumed round %d with %d accepted updates", self.name, phase.round, self.accepted)
         else:
             self.test_results = [t.result for t in self.tasks.values() if t.done]
@@ -228,6 +248,7 @@ class JobRunner:
 
     # ------------------------------------------------------------------ opening a phase
     async def _open(self, plan: rounds.Plan, record: dict[str, Any], now: float) -> None:
+        self._check_mine()
         planned, target, quorum = rounds.phase_sizes(self.config, plan.kind)
         phase_id = int(record["phase_seq"]) + 1
         seed = int(self.config["sample_seed"]) * 1_000_003 + phase_id
@@ -246,13 +267,18 @@ class JobRunner:
             tasks[task.task_id] = task
             batch.put_json("tasks", key(self.name, task.task_id), task.to_record())
         phase.task_ids = list(tasks)
+        # Take the chosen out of the pool before the commit's await: their check-ins may time out meanwhile
+        # (and must not find, or return budget for, a waiter that is gone). They are answered after it.
+        chosen_waiters = [self.pool.pop(device_id) for device_id in chosen]
+        self._pool_budget[0] += len(chosen_waiters)
         what = "training" if plan.kind == TRAIN else f"testing model v{plan.model_version}"
         retry = f" (attempt {attempt + 1})" if attempt else ""
         changes = {"phase": phase.to_record(), "phase_seq": phase_id, "round": plan.round, "state": "running"}
         if record["state"] == "pending":
             self.registry.log.add(batch, self.name, f"Job {self.name} running")
         await self.registry.update(self.name, changes,
-                                   f"Round {plan.round}{retry}: {what} with {len(chosen)} of {len(self.pool)} "
+                                   f"Round {plan.round}{retry}: {what} with {len(chosen)} of "
+                                   f"{len(self.pool) + len(chosen)} "
                                    f"waiting devices, deadline {self.config['round_deadline']:g} s",
                                    batch=batch)
         self.phase = phase
@@ -260,21 +286,23 @@ class JobRunner:
         self.by_device = {t.device_id: t.task_id for t in tasks.values()}
         self.test_results = []
         self.closing = False
+        self.sealed = False
         if plan.kind == TRAIN:
             self._reset_sums(phase_id)
         self.metrics.round.labels(self.name).set(plan.round)
-        for device_id, task in ((t.device_id, t) for t in tasks.values()):
-            waiter = self.pool.pop(device_id)
-            self._pool_budget[0] += 1
+        for waiter, task in zip(chosen_waiters, tasks.values(), strict=True):
             if not waiter.answer.done():
                 waiter.answer.set_result(self.task_answer(task))
         window = rounds.retry_window(self.config, deadline - now)
-        for device_id in list(self.pool):
-            waiter = self.pool[device_id]
+        for device_id, waiter in self.pool.items():
+            if waiter.answer.done():
+                continue
+            if device_id in self.by_device:  # chosen, timed out during the commit, checked in again
+                waiter.answer.set_result(self.task_answer(self.tasks[self.by_device[device_id]]))
+                continue
             eligible = rounds.ineligible_reason(self.config, waiter.status, plan.kind) is None
-            if not waiter.answer.done():
-                waiter.answer.set_result({"action": "wait", "reason": "not_selected" if eligible else "not_eligible",
-                                          "retry_after": window})
+            waiter.answer.set_result({"action": "wait", "reason": "not_selected" if eligible else "not_eligible",
+                                      "retry_after": window})
         self._clear_pool()
 
     @property
@@ -310,6 +338,9 @@ class JobRunner:
             return {"action": "done", "state": record["state"]}
         if self.shutting_down:
             return {"action": "wait", "reason": "shutting_down", "retry_after": SHUTDOWN_RETRY}
+        if self._task is not None and self._task.done():
+            # The loop died and could not even record the failure: do not hold devices for nothing.
+            return {"action": "done", "state": "failed"}
         now = time.time()
         if self.phase is not None and device_id in self.by_device:
             task = self.tasks[self.by_device[device_id]]
@@ -363,12 +394,13 @@ class JobRunner:
         task, current = self._find_task(device_id, task_id)
         if task.kind != kind:
             raise WrongTaskKind(f"task {task_id} is a {task.kind} task", task_id=task_id, kind=task.kind)
-        if task.done:
-            return task, self.accepted_answer(task, duplicate=True)
         busy = self.receiving.get(task_id)
         if busy is not None:
-            # The same task's first upload is still arriving: wait for it rather than count it twice.
+            # The same task's first upload is still arriving or committing: wait for its outcome rather
+            # than count it twice (or call it a duplicate before it is durable).
             raise TaskBusy(busy)
+        if task.done:
+            return task, self.accepted_answer(task, duplicate=True)
         record = self.registry.get(self.name)
         if record["state"] not in ACTIVE_STATES:
             raise JobNotActive(f"job {self.name} is {record['state']}", state=record["state"])
@@ -379,9 +411,12 @@ class JobRunner:
             raise TaskExpired(f"the deadline of task {task_id} has passed", task_id=task_id,
                               deadline=task.deadline)
         done = self.accepted if kind == TRAIN else len(self.test_results)
-        if done + self.inflight >= self.phase.target:
+        if done >= self.phase.target:
             raise WrongRound(f"round {task.round} already has its {self.phase.target} results",
                              task_id=task_id, round=task.round)
+        if done + self.inflight >= self.phase.target:
+            # Results still arriving would fill the round, but one of them may yet be refused: not a final no.
+            raise Overloaded(f"round {task.round} has enough results in flight; retry shortly", retry_after=2)
         self.inflight += 1
         self.receiving[task_id] = asyncio.get_running_loop().create_future()
         return task, None
@@ -398,37 +433,48 @@ class JobRunner:
         """The answer to an accepted (or re-sent) result."""
         return {"accepted": True, "task_id": task.task_id, "round": task.round, "duplicate": duplicate}
 
+    def _check_open(self, task: Task) -> None:
+        """Refuse a result whose phase closed while it was being received."""
+        if self.sealed or self.phase is None or self.phase.phase_id != task.phase_id:
+            raise WrongRound(f"round {task.round} closed while the result of task {task.task_id} was arriving",
+                             task_id=task.task_id, round=task.round)
+
+    async def _commit_done(self, task: Task, result: dict[str, Any], batch: WriteBatch) -> None:
+        """Commit ``batch`` with the task marked done; mark it in memory only once that is durable."""
+        record = {**task.to_record(), "done": True, "result": result}
+        self.committing += 1
+        try:
+            await self.store.commit(batch.put_json("tasks", key(self.name, task.task_id), record))
+        finally:
+            self.committing -= 1
+        task.result = result
+        task.done = True
+
     async def accept_update(self, task: Task, body: memoryview) -> dict[str, Any]:
         """Validate a training upload of a reserved task and make it durable; then it counts."""
         # FedAvg checks the values while folding them (durable_sum); robust aggregators check them here.
         decoded = codec.decode_update(body, self.specs, check_finite=self.sum is None)
-        task.result = update_metadata(decoded.metadata)
-        weight = self._weight(task)
-        try:
-            if self.sum is not None:
-                # FedAvg: folded into the running sum, which is committed with the task (durable_sum).
-                await self.sum.add(task, decoded.flat, weight)
-                self._sync_counts()
-            else:
-                # Robust aggregators need every update at close: store it, with its task, in one commit.
-                task.done = True
-                await self.store.commit(
-                    WriteBatch().put("updates", key(self.name, task.phase_id, task.task_id), decoded.flat.data)
-                    .put_json("tasks", key(self.name, task.task_id), task.to_record()))
-                self._count(task, weight)
-        except BaseException:
-            task.done = False
-            task.result = {}
-            raise
+        result = update_metadata(decoded.metadata)
+        self._check_open(task)
+        weight = self._weight(task, result)
+        if self.sum is not None:
+            # FedAvg: folded into the running sum, which is committed with the task (durable_sum).
+            await self.sum.add(task, decoded.flat, weight, result)
+            self._sync_counts()
+        else:
+            # Robust aggregators need every update at close: store it, with its task, in one commit.
+            await self._commit_done(task, result, WriteBatch().put(
+                "updates", key(self.name, task.phase_id, task.task_id), decoded.flat.data))
+            self._count(task, weight)
         self.last_accept_at = time.monotonic()
         self.metrics.upload_bytes.labels(self.name).inc(len(body))
         return self.accepted_answer(task, duplicate=False)
 
-    def _weight(self, task: Task) -> float:
+    def _weight(self, task: Task, result: dict[str, Any]) -> float:
         """The FedAvg weight of an accepted update."""
         if self.config["weighting"] == "uniform":
             return 1.0
-        samples = int(task.result["samples"])
+        samples = int(result["samples"])
         # Never trust a phone's claim beyond what it reported when it was selected.
         return float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
 
@@ -445,25 +491,25 @@ class JobRunner:
     async def accept_result(self, task: Task, body: Any) -> dict[str, Any]:
         """Validate and persist a test task's result counts."""
         result = test_result(body)
-        task.done = True
-        task.result = result
-        try:
-            await self.store.commit(WriteBatch().put_json("tasks", key(self.name, task.task_id), task.to_record()))
-        except BaseException:
-            task.done = False
-            task.result = {}
-            raise
+        self._check_open(task)
+        await self._commit_done(task, result, WriteBatch())
         self.test_results.append(result)
         return self.accepted_answer(task, duplicate=False)
 
     # ------------------------------------------------------------------ closing a phase
     async def _close(self, record: dict[str, Any]) -> None:
         assert self.phase is not None
+        self._check_mine()
         phase = self.phase
         self.closing = True
+        # Sealed: results still being received are refused when they finish (their deadline passed, or
+        # the round is full); only commits already under way are waited for, so they count here.
+        self.sealed = True
         drain_until = time.monotonic() + DRAIN_SECONDS
-        while self.inflight > 0 and time.monotonic() < drain_until:
-            await self._sleep(0.05)
+        while self.committing > 0 and time.monotonic() < drain_until:
+            await self._sleep(0.02)
+        if self.sum is not None:
+            await self.sum.drain()
         if phase.kind == TRAIN:
             await self._close_training(phase, record)
         else:
@@ -499,10 +545,13 @@ class JobRunner:
             self.sum = None
         else:
             keys = self.store.scan_keys("updates", key(self.name, phase.phase_id))
-            # CPU-bound over k stored updates: off the event loop, so devices keep being answered.
-            new_flat = await asyncio.to_thread(
+            # CPU-bound over k stored updates: off the event loop, so devices keep being answered. Kept
+            # so that a shutdown waits for it before closing the store it reads.
+            self._aggregation = asyncio.get_running_loop().run_in_executor(None, functools.partial(
                 robust_aggregate, self.store, keys, self.num_params, self.config["aggregator"],
-                trim_fraction=float(self.config["trim_fraction"]), krum_f=int(self.config["krum_f"]))
+                trim_fraction=float(self.config["trim_fraction"]), krum_f=int(self.config["krum_f"])))
+            new_flat = await asyncio.shield(self._aggregation)
+            self._check_mine()
         version = phase.model_version + 1
         model_bytes = codec.encode_model(new_flat, self.specs)
         batch.put("models", key(self.name, version), model_bytes)

@@ -173,6 +173,8 @@ async def read_body(request: web.Request, limit: int, pool: BodyPool, held: list
         head = await request.content.readexactly(min(8, length))
     except asyncio.IncompleteReadError as exc:
         raise InvalidTensor(f"truncated body: {len(exc.partial)} of {length} bytes") from None
+    except (ConnectionResetError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError) as exc:
+        raise InvalidTensor(f"truncated body: the connection broke mid-upload ({exc.__class__.__name__})") from None
     data_start = codec.data_offset(head)
     raw, buffer = pool.acquire(length, data_start if data_start is not None and data_start <= length else 0)
     held.append(raw)
@@ -239,6 +241,9 @@ async def _upload(request: web.Request) -> web.Response:
         try:
             body = await read_body(request, limit, request.app[BODY_POOL_KEY], held)
             answer = await runner.accept_update(task, body)
+        except asyncio.CancelledError:
+            held.clear()  # a queued fold may still read this body: never hand it to another upload
+            raise
         finally:
             # The update is committed (or refused) and folded: its body buffer can take the next upload.
             for raw in held:
