@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from fedscaled.errors import FedError
+from fedscaled.errors import BadRequest, FedError, PayloadTooLarge
 
 log = logging.getLogger("fedscaled.http")
 
@@ -48,3 +49,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; see the daemon log")
+
+
+async def json_object(request: web.Request, limit: int | None = None) -> dict[str, Any]:
+    """The request body as a JSON object; BadRequest (or PayloadTooLarge past ``limit``) otherwise."""
+    if limit is not None and request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"JSON bodies are limited to {limit} bytes")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body

@@ -14,29 +14,18 @@ Routes (JSON unless noted):
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from aiohttp import web
 
 from fedscaled import __version__
 from fedscaled.ctl.protocol import API_VERSION
 from fedscaled.errors import BadRequest
-from fedscaled.http_errors import error_middleware
+from fedscaled.http_errors import error_middleware, json_object
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry, status_view
 
 REGISTRY_KEY = web.AppKey("registry", JobRegistry)
 MAX_JOB_FILE = 1 << 20
 FOLLOW_POLL_SECONDS = 5.0
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
 
 
 async def version(request: web.Request) -> web.Response:
@@ -52,7 +41,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 async def submit(request: web.Request) -> web.Response:
     """Submit a job file's text."""
-    body = await _json_body(request)
+    body = await json_object(request)
     text = body.get("text")
     if not isinstance(text, str):
         raise BadRequest("field 'text' (the job file's content) must be a string")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from typing import Any
@@ -23,7 +22,7 @@ from fedscaled.errors import (
     PayloadTooLarge,
     UnknownModelVersion,
 )
-from fedscaled.http_errors import error_middleware
+from fedscaled.http_errors import Handler, error_middleware, json_object
 from fedscaled.jobs.engine import Engine
 from fedscaled.jobs.runner import JobRunner, TaskBusy
 from fedscaled.server.body_pool import BodyPool, Raw
@@ -41,15 +40,7 @@ def _engine(request: web.Request) -> Engine:
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
-        raise PayloadTooLarge(f"JSON bodies are limited to {MAX_JSON_BODY} bytes")
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
+    return await json_object(request, MAX_JSON_BODY)
 
 
 def _job_label(request: web.Request) -> str:
@@ -214,16 +205,21 @@ async def _next_chunk(request: web.Request) -> bytes:
         raise InvalidTensor(f"truncated body: the connection broke mid-upload ({exc.__class__.__name__})") from None
 
 
-async def upload(request: web.Request) -> web.Response:
-    """Trained weights for a task (safetensors with metadata); durable before the answer."""
-    try:
-        return await _upload(request)
-    except FedError as exc:
-        _engine(request).metrics.uploads.labels(_job_label(request), exc.code).inc()
-        raise
+def _counting_refusals(counter: str, handler: Handler) -> Handler:
+    """Wrap a result route so that every refusal is counted in metric ``counter`` by its error code."""
+    async def counted(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except FedError as exc:
+            getattr(_engine(request).metrics, counter).labels(_job_label(request), exc.code).inc()
+            raise
+
+    counted.__doc__ = handler.__doc__
+    return counted
 
 
 async def _upload(request: web.Request) -> web.Response:
+    """Trained weights for a task (safetensors with metadata); durable before the answer."""
     job, device_id = _device(request)
     engine = _engine(request)
     limit = engine.max_upload_bytes(job)
@@ -255,16 +251,8 @@ async def _upload(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-async def result(request: web.Request) -> web.Response:
-    """Test results (counts and sums) for a test task."""
-    try:
-        return await _result(request)
-    except FedError as exc:
-        _engine(request).metrics.results.labels(_job_label(request), exc.code).inc()
-        raise
-
-
 async def _result(request: web.Request) -> web.Response:
+    """Test results (counts and sums) for a test task."""
     job, device_id = _device(request)
     engine = _engine(request)
     body = await _json(request)
@@ -294,6 +282,6 @@ def build_device_app(engine: Engine) -> web.Application:
     app.router.add_post("/v1/jobs/{job}/checkin", checkin)
     app.router.add_get("/v1/jobs/{job}/model", model_info)
     app.router.add_get("/v1/jobs/{job}/models/{version}", model_weights)
-    app.router.add_put("/v1/jobs/{job}/tasks/{task_id}/update", upload)
-    app.router.add_post("/v1/jobs/{job}/tasks/{task_id}/result", result)
+    app.router.add_put("/v1/jobs/{job}/tasks/{task_id}/update", _counting_refusals("uploads", _upload))
+    app.router.add_post("/v1/jobs/{job}/tasks/{task_id}/result", _counting_refusals("results", _result))
     return app
