@@ -37,6 +37,7 @@ def test_digits_mlp_reaches_85_percent_within_30_rounds(daemon: DaemonProcess) -
     status = job_status(daemon, "digits-mlp")
     assert status["state"] == "finished"
     assert status["round"] == 30
+    assert status["enrolled_devices"] == 100
     metrics = status["metrics"]
     assert [m["round"] for m in metrics] == list(range(1, 31))
     assert all(m["participants"] == 10 for m in metrics)

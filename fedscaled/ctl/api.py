@@ -52,8 +52,11 @@ async def submit(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    """One job's status."""
-    return web.json_response(status_view(request.app[REGISTRY_KEY].get(request.match_info["name"])))
+    """One job's status, with the number of enrolled devices."""
+    registry = request.app[REGISTRY_KEY]
+    view = status_view(registry.get(request.match_info["name"]))
+    view["enrolled_devices"] = registry.enrolled_devices(view["name"])
+    return web.json_response(view)
 
 
 async def stop_job(request: web.Request) -> web.Response:

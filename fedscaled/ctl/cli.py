@@ -90,7 +90,7 @@ def _print_table(jobs: Sequence[dict[str, Any]]) -> None:
 
 def _print_job(job: dict[str, Any]) -> None:
     fields = ("name", "state", "mode", "round", "rounds", "model_version", "model", "input_shape",
-              "num_classes", "num_participants", "enrollment_token", "reason")
+              "num_classes", "num_participants", "enrolled_devices", "enrollment_token", "reason")
     for field in fields:
         value = job[field]
         if field == "round":

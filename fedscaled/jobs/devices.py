@@ -74,10 +74,6 @@ class DeviceDirectory:
             raise Unauthorized("this device token belongs to another job")
         return found[1]
 
-    def count(self, job: str) -> int:
-        """Enrolled devices of ``job``."""
-        return self.store.count("devices", key(job) + SEP)
-
     def forget_job(self, job: str) -> None:
         """Drop cached tokens of a replaced job."""
         self._by_hash = {h: v for h, v in self._by_hash.items() if v[0] != job}

@@ -164,6 +164,10 @@ class JobRegistry:
         self.get(name)
         return self.log.read(name, since, limit)
 
+    def enrolled_devices(self, name: str) -> int:
+        """How many devices enrolled in the job."""
+        return self.store.count("devices", key(name) + SEP)
+
     def has_events(self, name: str) -> bool:
         """Whether the job has any log event (used by tests of replace)."""
         return bool(self.store.scan_keys("events", event_prefix(name)))

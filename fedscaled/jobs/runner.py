@@ -104,7 +104,6 @@ class JobRunner:
         self.loss_sum = 0.0
         self.loss_weight = 0.0
         self.test_results: list[dict[str, Any]] = []
-        self.last_accept_at: float | None = None
         self.wake = asyncio.Event()
         self.shutting_down = False
         self.started_at = record["created_at"]
@@ -466,7 +465,6 @@ class JobRunner:
             await self._commit_done(task, result, WriteBatch().put(
                 "updates", key(self.name, task.phase_id, task.task_id), decoded.flat.data))
             self._count(task, weight)
-        self.last_accept_at = time.monotonic()
         self.metrics.upload_bytes.labels(self.name).inc(len(body))
         return self.accepted_answer(task, duplicate=False)
 

@@ -30,7 +30,6 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,15 +302,6 @@ class Store:
                 if value is None:
                     raise StoreError(f"stored value {k!r} vanished")
                 row[:] = value[start:end]
-
-    def iter_values_into(self, db: str, prefix: bytes, out: memoryview) -> Iterator[bytes]:
-        """For each key under ``prefix``, copy its value into ``out`` and yield the key.
-
-        The read transaction stays open between yields, so consume promptly; ``out`` is reused.
-        """
-        for k in self.scan_keys(db, prefix):
-            if self.get_into(db, k, out):
-                yield k
 
     def count(self, db: str, prefix: bytes) -> int:
         """Number of keys under ``prefix``."""
