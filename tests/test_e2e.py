@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.daemon_proc import DaemonProcess, ctl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,3 +193,20 @@ def test_median_survives_poisoning_devices_that_wreck_fedavg(daemon: DaemonProce
     assert accuracy["median"] >= 0.75, accuracy
     assert accuracy["fedavg"] < 0.5, accuracy
     print(f"mean test accuracy with 20% poisoning devices: {accuracy}")
+
+
+def test_oort_selection_runs_a_job_and_keeps_its_state(daemon: DaemonProcess, tmp_path: Path) -> None:
+    path = tmp_path / "oort.yml"
+    path.write_text(HOSTILE_JOB.format(name="oort", aggregator="fedavg").replace(
+        "  - rounds: 12\n", "  - rounds: 8\n  - sample_mode: oort\n  - exploration_factor: 0.5\n"
+        "  - exploration_decay: 0.8\n"))
+    assert ctl(daemon.socket_path, "submit", str(path)).returncode == 0
+    run = simulate(daemon, "oort", "--devices", "40", "--dataset", "digits", "--alpha", "1.0", "--seed", "2",
+                   max_seconds=150)
+    assert run.returncode == 0, run.stdout + run.stderr
+    status = job_status(daemon, "oort")
+    assert status["state"] == "finished"
+    assert [m["round"] for m in status["metrics"]] == list(range(1, 9))
+    assert status["metrics"][-1]["test_accuracy"] >= 0.75
+    # Exploration decayed from 0.5 by 0.8 per round (floored at exploration_min 0.3).
+    assert status["oort"]["exploration"] == pytest.approx(0.3)

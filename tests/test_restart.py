@@ -20,6 +20,7 @@ JOB = """\
 job_conf:
   - job_name: durable
   - aggregator: {aggregator}
+  - sample_mode: {sample_mode}
   - model: linear
   - input_shape: 4 4 1
   - num_classes: 3
@@ -71,10 +72,12 @@ def trained(base: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
     return {name: (value + scale).astype(np.float32) for name, value in base.items()}
 
 
-@pytest.mark.parametrize("aggregator", ["fedavg", "median"])
-def test_kill_mid_round_then_resume_counts_each_update_once(tmp_path: Path, aggregator: str) -> None:
+@pytest.mark.parametrize(("aggregator", "sample_mode"), [("fedavg", "random"), ("median", "random"),
+                                                        ("fedavg", "oort")])
+def test_kill_mid_round_then_resume_counts_each_update_once(tmp_path: Path, aggregator: str,
+                                                            sample_mode: str) -> None:
     job_file = tmp_path / "job.yml"
-    job_file.write_text(JOB.format(aggregator=aggregator))
+    job_file.write_text(JOB.format(aggregator=aggregator, sample_mode=sample_mode))
     data = tmp_path / "state"
     daemon = DaemonProcess(data).start()
     try:
@@ -149,7 +152,7 @@ def test_stopping_mid_round_drops_the_round_state_and_replace_starts_clean(tmp_p
     from fedscaled.store.lmdb_store import SEP, Store, key
 
     job_file = tmp_path / "job.yml"
-    job_file.write_text(JOB.format(aggregator="fedavg"))
+    job_file.write_text(JOB.format(aggregator="fedavg", sample_mode="random"))
     data = tmp_path / "state"
     with DaemonProcess(data) as daemon:
         assert ctl(daemon.socket_path, "submit", str(job_file)).returncode == 0

@@ -155,7 +155,8 @@ JOB_KEYS: dict[str, KeySpec] = {
                             maximum=1.0),
     "exploration_min": _k("float", 0.3, "Oort: floor of the exploration factor.", minimum=0.0, maximum=1.0),
     "exploration_alpha": _k("float", 0.3, "Oort: weight of staleness in a device's utility.", minimum=0.0),
-    "pacer_delta": _k("float", 5, "Oort: pacer's step in preferred round duration.", minimum=0.0),
+    "pacer_delta": _k("float", 5, "Oort: pacer's step, in percentile points of device duration, when utility stalls.",
+                      minimum=0.0),
     "pacer_step": _k("int", 20, "Oort: rounds between pacer adjustments.", minimum=1),
     "round_threshold": _k("float", 30, "Oort: percentile of device speed admitted.", minimum=0.0, maximum=100.0),
     "round_penalty": _k("float", 2.0, "Oort: penalty exponent for slow devices.", minimum=0.0),
@@ -463,6 +464,3 @@ def _check_cross_fields(values: dict[str, Any]) -> None:
     gp = values["gradient_policy"]
     if gp not in ("fed-avg", "fedavg"):
         raise InvalidConfig(f"gradient_policy {gp!r} is not supported yet; use fed-avg", key="gradient_policy")
-    if values["sample_mode"] != "random":
-        raise InvalidConfig(f"sample_mode {values['sample_mode']!r} is not supported yet; use random",
-                            key="sample_mode")

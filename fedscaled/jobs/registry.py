@@ -196,6 +196,7 @@ def status_view(record: dict[str, Any]) -> dict[str, Any]:
         "completed_rounds": record["completed_rounds"],
         "phase": record["phase"],
         "initial_test": record["initial_test"],
+        "oort": record.get("oort"),  # Oort's selection state (sample_mode oort): exploration, pacer, blacklist
         "metrics": record["metrics"],
         "config": config,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import secrets
 import time
@@ -22,6 +23,7 @@ import numpy as np
 from fedscaled.core import aggregate, codec, rounds
 from fedscaled.core.config import JobConfig
 from fedscaled.core.models import ModelDef, build
+from fedscaled.core.oort import DeviceStats, OortState, select_oort, update_stats
 from fedscaled.core.results import test_result, update_metadata
 from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Phase, Task
 from fedscaled.errors import (
@@ -36,7 +38,7 @@ from fedscaled.jobs.durable_sum import DurableSum
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
 from fedscaled.jobs.robust import robust_aggregate
 from fedscaled.metrics import Metrics
-from fedscaled.store.lmdb_store import WriteBatch, key
+from fedscaled.store.lmdb_store import SEP, WriteBatch, key
 
 log = logging.getLogger("fedscaled.jobs")
 
@@ -95,6 +97,9 @@ class JobRunner:
         self.tasks: dict[str, Task] = {}
         self.by_device: dict[str, str] = {}
         self.sum: DurableSum | None = None  # the open training phase's FedAvg sum (aggregator fedavg)
+        # Oort's view of each device (utility and speed of its last accepted update), rebuilt from the
+        # stored task records at start.
+        self.device_stats: dict[str, DeviceStats] = {}
         self.accepted = 0
         self.inflight = 0
         self.committing = 0  # results whose durable commit is under way (robust and test paths)
@@ -161,6 +166,10 @@ class JobRunner:
 
     # ------------------------------------------------------------------ restore
     def _restore(self) -> None:
+        if self.config["sample_mode"] == "oort":
+            done = [Task.from_record(json.loads(raw)) for _, raw in self.store.scan("tasks", key(self.name) + SEP)]
+            for task in sorted((t for t in done if t.done and t.kind == TRAIN), key=lambda t: t.round):
+                self._record_device_stats(task, task.result)
         record = self.registry.get(self.name)
         if record.get("phase") is None:
             return
@@ -251,7 +260,14 @@ class JobRunner:
         planned, target, quorum = rounds.phase_sizes(self.config, plan.kind)
         phase_id = int(record["phase_seq"]) + 1
         seed = int(self.config["sample_seed"]) * 1_000_003 + phase_id
-        chosen = rounds.select(self._eligible_pool(plan.kind), planned, seed)
+        oort_changes: dict[str, Any] = {}
+        if self.config["sample_mode"] == "oort" and plan.kind == TRAIN:
+            state = (OortState.from_record(record["oort"]) if record.get("oort") else OortState.initial(self.config))
+            chosen, state = select_oort(self._eligible_pool(plan.kind), planned, self.device_stats, state,
+                                        plan.round, self.config, seed)
+            oort_changes["oort"] = state.to_record()
+        else:
+            chosen = rounds.select(self._eligible_pool(plan.kind), planned, seed)
         attempt = int(record["round_attempt"])
         deadline = now + float(self.config["round_deadline"])
         phase = Phase(phase_id=phase_id, kind=plan.kind, round=plan.round, attempt=attempt,
@@ -272,7 +288,8 @@ class JobRunner:
         self._pool_budget[0] += len(chosen_waiters)
         what = "training" if plan.kind == TRAIN else f"testing model v{plan.model_version}"
         retry = f" (attempt {attempt + 1})" if attempt else ""
-        changes = {"phase": phase.to_record(), "phase_seq": phase_id, "round": plan.round, "state": "running"}
+        changes = {"phase": phase.to_record(), "phase_seq": phase_id, "round": plan.round, "state": "running",
+                   **oort_changes}
         if record["state"] == "pending":
             self.registry.log.add(batch, self.name, f"Job {self.name} running")
         await self.registry.update(self.name, changes,
@@ -465,8 +482,20 @@ class JobRunner:
             await self._commit_done(task, result, WriteBatch().put(
                 "updates", key(self.name, task.phase_id, task.task_id), decoded.flat.data))
             self._count(task, weight)
+        self._record_device_stats(task, result)
         self.metrics.upload_bytes.labels(self.name).inc(len(body))
         return self.accepted_answer(task, duplicate=False)
+
+    def _record_device_stats(self, task: Task, result: dict[str, Any]) -> None:
+        """Oort's statistics of the device from an accepted update: its utility and how long it took."""
+        if self.config["sample_mode"] != "oort":
+            return
+        # A device that reports no utility is scored by its loss times its samples (Oort's utility grows
+        # with both); a missing duration is the time from the task's issue to now.
+        utility = float(result.get("utility", float(result["loss"]) * int(result["samples"])))
+        duration = float(result.get("duration", max(0.0, time.time() - task.issued_at)))
+        self.device_stats[task.device_id] = update_stats(self.device_stats, task.device_id, utility, duration,
+                                                          task.round)
 
     def _weight(self, task: Task, result: dict[str, Any]) -> float:
         """The FedAvg weight of an accepted update."""
