@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import IO
 
 from aiohttp import web
@@ -184,11 +183,3 @@ def run_daemon(config: DaemonConfig, launched_at: float | None = None) -> None:
     """Run the daemon in this process until SIGTERM/SIGINT."""
     pin_malloc_thresholds()
     asyncio.run(Daemon(config, launched_at).run())
-
-
-def runtime_info(data_dir: Path) -> dict[str, object] | None:
-    """The running daemon's ``run.json`` (pid, port, socket), if any."""
-    try:
-        return dict(json.loads((data_dir / "run.json").read_text()))
-    except (OSError, ValueError):
-        return None

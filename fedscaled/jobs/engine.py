@@ -16,7 +16,7 @@ from fedscaled.core.rounds import DeviceStatus, Task
 from fedscaled.errors import InvalidConfig, JobNotActive, JobNotFound, UnknownModelVersion
 from fedscaled.jobs.devices import DeviceDirectory
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
-from fedscaled.jobs.runner import JobRunner, initial_model_bytes, model_of
+from fedscaled.jobs.runner import JobRunner, accepted_answer, initial_model_bytes, model_of
 from fedscaled.metrics import Metrics
 from fedscaled.store.lmdb_store import WriteBatch, key
 
@@ -98,10 +98,6 @@ class Engine:
         retiring.add_done_callback(self._retiring.discard)
 
     # ------------------------------------------------------------------ lookups
-    def job_config(self, job: str) -> JobConfig:
-        """The job's config, or JobNotFound."""
-        return self.registry.config(job)
-
     def job_exists(self, job: str) -> bool:
         """Whether a job of this name is in the store."""
         try:
@@ -110,18 +106,10 @@ class Engine:
             return False
         return True
 
-    def runner(self, job: str) -> JobRunner:
-        """The runner of an active job; JobNotFound or JobNotActive otherwise."""
-        runner = self.runners.get(job)
-        if runner is None:
-            record = self.registry.get(job)  # raises JobNotFound
-            raise JobNotActive(f"job {job} is {record['state']}", job=job, state=record["state"])
-        return runner
-
     def model_def(self, job: str) -> ModelDef:
         """The zoo model of a job."""
         runner = self.runners.get(job)
-        return runner.model if runner is not None else model_of(self.job_config(job))
+        return runner.model if runner is not None else model_of(self.registry.config(job))
 
     def max_upload_bytes(self, job: str) -> int:
         """Largest accepted upload body for the job's model."""
@@ -184,7 +172,7 @@ class Engine:
             raw = self.store.get_json("tasks", key(job, task_id))
             if raw is not None and raw["device_id"] == device_id and raw["done"]:
                 task = Task.from_record(raw)
-                return None, task, {"accepted": True, "task_id": task_id, "round": task.round, "duplicate": True}
+                return None, task, accepted_answer(task, duplicate=True)
             raise JobNotActive(f"job {job} is {record['state']}", job=job, state=record["state"])
         task, duplicate = runner.reserve(device_id, task_id, kind)
         return runner, task, duplicate

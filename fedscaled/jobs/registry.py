@@ -14,7 +14,7 @@ from typing import Any
 
 from fedscaled.core.config import JobConfig, parse_job_text
 from fedscaled.errors import JobExists, JobNotActive, JobNotFound
-from fedscaled.jobs.joblog import JobLog, event_prefix
+from fedscaled.jobs.joblog import JobLog
 from fedscaled.store.lmdb_store import SEP, Store, WriteBatch, key
 
 ACTIVE_STATES = ("pending", "running")
@@ -167,10 +167,6 @@ class JobRegistry:
     def enrolled_devices(self, name: str) -> int:
         """How many devices enrolled in the job."""
         return self.store.count("devices", key(name) + SEP)
-
-    def has_events(self, name: str) -> bool:
-        """Whether the job has any log event (used by tests of replace)."""
-        return bool(self.store.scan_keys("events", event_prefix(name)))
 
 
 def status_view(record: dict[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,11 @@ class Waiter:
     answer: asyncio.Future[dict[str, Any]]
 
 
+def accepted_answer(task: Task, duplicate: bool) -> dict[str, Any]:
+    """The answer to an accepted (or re-sent) result."""
+    return {"accepted": True, "task_id": task.task_id, "round": task.round, "duplicate": duplicate}
+
+
 def initial_model_bytes(config: JobConfig) -> bytes:
     """Model version 0 of a new job: the zoo's initial weights, seeded by ``sample_seed``."""
     model = build(config["model"], config["input_shape"], config["num_classes"])
@@ -416,7 +421,7 @@ class JobRunner:
             # than count it twice (or call it a duplicate before it is durable).
             raise TaskBusy(busy)
         if task.done:
-            return task, self.accepted_answer(task, duplicate=True)
+            return task, accepted_answer(task, duplicate=True)
         record = self.registry.get(self.name)
         if record["state"] not in ACTIVE_STATES:
             raise JobNotActive(f"job {self.name} is {record['state']}", state=record["state"])
@@ -444,10 +449,6 @@ class JobRunner:
         if busy is not None and not busy.done():
             busy.set_result(None)
         self.wake.set()
-
-    def accepted_answer(self, task: Task, duplicate: bool) -> dict[str, Any]:
-        """The answer to an accepted (or re-sent) result."""
-        return {"accepted": True, "task_id": task.task_id, "round": task.round, "duplicate": duplicate}
 
     def _check_open(self, task: Task) -> None:
         """Refuse a result whose phase closed while it was being received."""
@@ -484,7 +485,7 @@ class JobRunner:
             self._count(task, weight)
         self._record_device_stats(task, result)
         self.metrics.upload_bytes.labels(self.name).inc(len(body))
-        return self.accepted_answer(task, duplicate=False)
+        return accepted_answer(task, duplicate=False)
 
     def _record_device_stats(self, task: Task, result: dict[str, Any]) -> None:
         """Oort's statistics of the device from an accepted update: its utility and how long it took."""
@@ -521,7 +522,7 @@ class JobRunner:
         self._check_open(task)
         await self._commit_done(task, result, WriteBatch())
         self.test_results.append(result)
-        return self.accepted_answer(task, duplicate=False)
+        return accepted_answer(task, duplicate=False)
 
     # ------------------------------------------------------------------ closing a phase
     async def _close(self, record: dict[str, Any]) -> None:
