@@ -42,7 +42,7 @@ def test_async_mode_from_aggregator_entry() -> None:
     ("  - rounds: 0\n", "rounds must be a positive integer, got 0"),
     ("  - rounds: 2.5\n", "rounds must be an integer, got 2.5"),
     ("  - overcommitment: 0.5\n", "overcommitment must be at least 1, got 0.5"),
-    ("  - model: resnet\n", "model must be one of linear, mlp, cnn, got 'resnet'"),
+    ("  - model: resnet\n", "model must be one of linear, mlp, cnn, mobilenetv3, mobilenetv3_finetune, got 'resnet'"),
     ("  - require_charging: maybe\n", "require_charging must be true or false"),
     ("  - job_name: 'bad name'\n", "job_name must be"),
     ("  - rounds: 3\n  - rounds: 4\n", "given twice"),

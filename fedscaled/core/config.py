@@ -37,7 +37,7 @@ CLUSTER_KEYS = (
 )
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MODELS = ("linear", "mlp", "cnn")
+MODELS = ("linear", "mlp", "cnn", "mobilenetv3", "mobilenetv3_finetune")
 SAMPLE_MODES = ("random", "oort")
 GRADIENT_POLICIES = ("fed-avg", "fedavg", "yogi", "fed-yogi", "fed-prox", "prox", "q-fedavg", "qfedavg")
 WEIGHTINGS = ("samples", "uniform")
@@ -78,7 +78,13 @@ JOB_KEYS: dict[str, KeySpec] = {
                           choices=("mobile", "simulation")),
     "engine": _ignored("str", "pytorch", "FedScale's aggregation engine; aggregation here is always JAX."),
     # --- model
-    "model": _k("choice", "linear", "Model from the zoo: linear, mlp or cnn.", choices=MODELS),
+    "model": _k("choice", "linear", "Model from the zoo: linear, mlp, cnn, mobilenetv3 or mobilenetv3_finetune "
+                "(docs/config.md, 'Models').", choices=MODELS),
+    "width_multiplier": _k("float", 1.0, "MobileNetV3 width multiplier: channel counts are scaled by it (0.5 is "
+                           "a phone-sized model).", minimum=0.0, maximum=2.0, exclusive_min=True),
+    "pretrained": _k("str", "", "Initial weights: a safetensors file on the daemon's machine, or `job:NAME` for "
+                     "the latest model of a finished job. Required by mobilenetv3_finetune (its frozen feature "
+                     "extractor); tensors it lacks start from the zoo's initialisation."),
     "input_shape": _k("shape", (28, 28, 1), "Input shape of one sample, e.g. `32 32 3` (height width channels)."),
     "num_classes": _k("int", 35, "Number of output classes (FedScale's default is 35).", minimum=2),
     # --- rounds and participants

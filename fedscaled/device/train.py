@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedscaled.core import steps
 from fedscaled.core.models import ModelDef, Params
 from fedscaled.core.models import build as build_model
 
@@ -47,67 +48,48 @@ class Trainer:
     """Jitted functions for one model definition (see :func:`make_trainer`)."""
 
     model: ModelDef
-    # (params, xs[S,B,...], ys[S,B], masks[S,B], lr, wd) -> (params, loss_sum, valid_steps)
+    # (frozen, params, xs[S,B,...], ys[S,B], masks[S,B], lr, wd) -> (params, loss_sum, valid_steps)
     train_steps: TrainStepsFn
-    # (params, x[B,...], y[B], mask[B]) -> (correct_top1, correct_top5, loss_sum)
+    # (frozen and trainable params, x[B,...], y[B], mask[B]) -> (correct_top1, correct_top5, loss_sum)
     eval_batch: EvalBatchFn
 
 
-def _per_sample_ce(logits: jax.Array, y: jax.Array) -> jax.Array:
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
-
-
 def _make_trainer(model: ModelDef) -> Trainer:
-    top_k = min(5, model.num_classes)
-
-    def batch_loss(params: Params, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
-        ce = _per_sample_ce(model.apply(params, x), y)
-        # Mean over the real samples only: padded rows have mask 0.
-        return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-    grad_fn = jax.value_and_grad(batch_loss)
-
-    def train_steps(params: Params, xs: jax.Array, ys: jax.Array, masks: jax.Array,
+    def train_steps(frozen: Params, params: Params, xs: jax.Array, ys: jax.Array, masks: jax.Array,
                     lr: jax.Array, wd: jax.Array) -> tuple[Params, jax.Array, jax.Array]:
         def step(carry: Params, batch: tuple[jax.Array, jax.Array, jax.Array]
                  ) -> tuple[Params, tuple[jax.Array, jax.Array]]:
             x, y, mask = batch
-            loss, grads = grad_fn(carry, x, y, mask)
+            new, loss = steps.sgd_step(model, frozen, carry, x, y, mask, lr, wd)
             # A step whose batch is all padding (the bucket's tail) must not move the weights.
-            live = (jnp.sum(mask) > 0).astype(jnp.float32)
-            # Weight decay as in torch.optim.SGD (FedScale's optimizer): g + wd * w.
-            new = {k: carry[k] - live * lr * (grads[k] + wd * carry[k]) for k in carry}
-            return new, (loss * live, live)
+            live = jnp.sum(mask) > 0
+            kept = {k: jnp.where(live, new[k], carry[k]) for k in carry}
+            return kept, (loss * live, live.astype(jnp.float32))
 
         params, (losses, lives) = jax.lax.scan(step, params, (xs, ys, masks))
         return params, jnp.sum(losses), jnp.sum(lives)
 
     def eval_batch(params: Params, x: jax.Array, y: jax.Array, mask: jax.Array
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        logits = model.apply(params, x)
-        ce = _per_sample_ce(logits, y)
-        _, top = jax.lax.top_k(logits, top_k)
-        hit_k = jnp.any(top == y[:, None], axis=-1)
-        hit_1 = top[:, 0] == y
-        return (jnp.sum(hit_1 * mask, dtype=jnp.int32), jnp.sum(hit_k * mask, dtype=jnp.int32),
-                jnp.sum(ce * mask))
+        loss_sum, top1, top5 = steps.test_counts(model, params, x, y, mask)
+        return top1.astype(jnp.int32), top5.astype(jnp.int32), loss_sum
 
     return Trainer(model, jax.jit(train_steps), jax.jit(eval_batch))
 
 
 @functools.lru_cache(maxsize=32)
-def _trainer_for(name: str, input_shape: tuple[int, ...], num_classes: int) -> Trainer:
-    return _make_trainer(build_model(name, input_shape, num_classes))
+def _trainer_for(name: str, input_shape: tuple[int, ...], num_classes: int, width: float) -> Trainer:
+    return _make_trainer(build_model(name, input_shape, num_classes, width))
 
 
 def make_trainer(model_def: ModelDef) -> Trainer:
     """The (cached) jitted trainer for a zoo model: one compile per model and shapes, shared process-wide.
 
     ModelDef holds a closure, so two ``build`` calls give unequal objects; the cache is keyed by the
-    model's name, input shape and class count instead.
+    model's name, input shape, class count and width instead.
     """
-    return _trainer_for(model_def.name, tuple(model_def.input_shape), model_def.num_classes)
+    return _trainer_for(model_def.name, tuple(model_def.input_shape), model_def.num_classes,
+                        model_def.width_multiplier)
 
 
 def _step_bucket(steps: int) -> int:
@@ -133,11 +115,11 @@ def _batch_plan(n: int, batch_size: int, steps: int, rng: np.random.Generator) -
     return plan
 
 
-def _to_device(model: ModelDef, params: NumpyParams) -> Params:
-    missing = [name for name, _ in model.specs if name not in params]
+def _to_device(specs: tuple[tuple[str, tuple[int, ...]], ...], params: NumpyParams) -> Params:
+    missing = [name for name, _ in specs if name not in params]
     if missing:
         raise ValueError(f"params lack tensors {missing}")
-    return {name: jnp.asarray(params[name], dtype=jnp.float32) for name, _ in model.specs}
+    return {name: jnp.asarray(params[name], dtype=jnp.float32) for name, _ in specs}
 
 
 def _to_numpy(model: ModelDef, params: Params) -> NumpyParams:
@@ -156,6 +138,7 @@ def train_local(
     epochs: int = 0,
     weight_decay: float = 0.0,
     seed: int = 0,
+    frozen: NumpyParams | None = None,
 ) -> tuple[NumpyParams, float, int]:
     """Plain minibatch SGD on softmax cross-entropy from ``params`` over local data ``(x, y)``.
 
@@ -164,7 +147,7 @@ def train_local(
     a device with fewer samples than ``batch_size`` trains on all of them at every step.
     Returns ``(new_params, mean_loss, samples_used)``: the new weights (numpy, in spec order), the
     mean minibatch loss over the steps, and the number of distinct local samples the steps touched
-    (the FedAvg weight).
+    (the FedAvg weight). ``frozen`` holds the model's frozen tensors, when it has any.
     """
     n = int(y.shape[0])
     if n == 0:
@@ -188,7 +171,7 @@ def train_local(
         ys[i, :len(idx)] = y[idx]
         masks[i, :len(idx)] = 1.0
     new, loss_sum, live = trainer.train_steps(
-        _to_device(model_def, params), xs, ys, masks,
+        _to_device(model_def.frozen_specs, frozen or {}), _to_device(model_def.specs, params), xs, ys, masks,
         jnp.float32(lr), jnp.float32(weight_decay))
     mean_loss = float(loss_sum) / max(1.0, float(live))
     samples_used = n if epochs > 0 else min(n, steps * b)
@@ -196,7 +179,7 @@ def train_local(
 
 
 def evaluate(model_def: ModelDef, params: NumpyParams, x: np.ndarray, y: np.ndarray,
-             batch_size: int = 64) -> TestCounts:
+             batch_size: int = 64, frozen: NumpyParams | None = None) -> TestCounts:
     """Top-1/top-5 correct counts and the summed cross-entropy of ``params`` on ``(x, y)``.
 
     Batches have a fixed size (the last one padded and masked) so evaluation compiles once per model.
@@ -205,7 +188,7 @@ def evaluate(model_def: ModelDef, params: NumpyParams, x: np.ndarray, y: np.ndar
     if n == 0:
         return TestCounts(0, 0, 0, 0.0)
     trainer = make_trainer(model_def)
-    device_params = _to_device(model_def, params)
+    device_params = {**_to_device(model_def.frozen_specs, frozen or {}), **_to_device(model_def.specs, params)}
     b = max(1, batch_size)
     top1 = top5 = 0
     loss_sum = 0.0

@@ -72,13 +72,13 @@ def accepted_answer(task: Task, duplicate: bool) -> dict[str, Any]:
 
 def initial_model_bytes(config: JobConfig) -> bytes:
     """Model version 0 of a new job: the zoo's initial weights, seeded by ``sample_seed``."""
-    model = build(config["model"], config["input_shape"], config["num_classes"])
+    model = model_of(config)
     return codec.encode_model(codec.flatten(model.init(config["sample_seed"]), model.specs), model.specs)
 
 
 def model_of(config: JobConfig) -> ModelDef:
     """The zoo model a job trains."""
-    return build(config["model"], config["input_shape"], config["num_classes"])
+    return build(config["model"], config["input_shape"], config["num_classes"], config["width_multiplier"])
 
 
 class JobRunner:

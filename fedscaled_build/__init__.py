@@ -1,0 +1,1 @@
+"""Build-time-only helpers: export JAX programs to on-device formats (.tflite, .mnn)."""
