@@ -109,6 +109,13 @@ class UnknownModelVersion(FedError):
     description = "No model with this version is stored for the job (never made, or pruned)."
 
 
+class NoArtifact(FedError):
+    code = "no_artifact"
+    status = 404
+    description = ("The job serves no artifact (or no such artifact file) for this backend; the job's model "
+                   "description lists the backends it serves.")
+
+
 class InvalidTensor(FedError):
     code = "invalid_tensor"
     status = 422

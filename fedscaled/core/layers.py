@@ -9,7 +9,7 @@ converters cannot take or get wrong (docs/mobile.md, "How the models are written
 - a convolution's gradient uses layouts jax2onnx cannot export, and a strided convolution's input
   gradient converts wrongly to TFLite: :func:`conv2d` is a stride-1 convolution whose backward pass
   is two ordinary convolutions, and striding is a separate subsample;
-- grouped (depthwise) convolutions do not convert: :func:`depthwise` is K×K shifted slices times
+- grouped (depthwise) convolutions do not convert: :func:`depthwise` is KxK shifted slices times
   per-channel weights;
 - ``max``/``min`` gradients (ReLU, hard-sigmoid, max-pool) make jax2onnx store batch-sized
   constants: they get explicit mask gradients;
@@ -101,7 +101,7 @@ def hard_swish(x: jax.Array) -> jax.Array:
 
 
 def _pad_hw(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Array:
-    n, h, w, c = x.shape
+    n, _, w, c = x.shape
     if top or bottom:
         x = jnp.concatenate([jnp.zeros((n, top, w, c), x.dtype), x, jnp.zeros((n, bottom, w, c), x.dtype)], axis=1)
     if left or right:
@@ -133,7 +133,7 @@ def pad_hw(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Ar
 def subsample2(x: jax.Array) -> jax.Array:
     """Every second row and column of an NHWC tensor, starting at 0 (what a stride-2 'SAME' conv keeps).
 
-    Odd sizes are zero-padded at the end first, so the result has ceil(H/2) × ceil(W/2) positions.
+    Odd sizes are zero-padded at the end first, so the result has ceil(H/2) x ceil(W/2) positions.
     """
     n, h, w, c = x.shape
     if h % 2 or w % 2:
@@ -206,7 +206,7 @@ def depthwise(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1)
 
 
 def max_pool2(x: jax.Array) -> jax.Array:
-    """2×2 max pooling, stride 2, of NHWC ``x`` (odd trailing rows/columns dropped), mask gradient."""
+    """2x2 max pooling, stride 2, of NHWC ``x`` (odd trailing rows/columns dropped), mask gradient."""
     n, h, w, c = x.shape
     h2, w2 = h // 2, w // 2
     if (h, w) != (2 * h2, 2 * w2):
@@ -232,5 +232,9 @@ def max_pool2(x: jax.Array) -> jax.Array:
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """Mean over H and W of NHWC ``x``: (N, C)."""
-    return jnp.mean(x, axis=(1, 2))
+    """Mean over H and W of NHWC ``x``: (N, C).
+
+    A sum times 1/(H·W): jax2onnx writes ``jnp.mean`` as a ReduceMean with its axes as an input, which
+    opset 17 (what MNN reads) does not allow.
+    """
+    return jnp.sum(x, axis=(1, 2)) * (1.0 / (x.shape[1] * x.shape[2]))

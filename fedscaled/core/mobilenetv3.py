@@ -4,7 +4,7 @@ The block table is the paper's (and torchvision's ``mobilenet_v3_small``); every
 scaled by the width multiplier and rounded to a multiple of 8. Two differences from the paper, both
 for on-device training: no batch normalisation (a bias per convolution instead — batch statistics
 would have to travel as extra tensors and do not survive tiny per-phone batches), and no dropout.
-The feature extractor (stem, 11 blocks, last 1×1 convolution, global pooling) and the head (two
+The feature extractor (stem, 11 blocks, last 1x1 convolution, global pooling) and the head (two
 dense layers) are separate tensor groups, so ``mobilenetv3_finetune`` can freeze the first.
 """
 

@@ -4,7 +4,7 @@ Three pure functions of flat, positional arrays — the form a .tflite signature
 take — built from a zoo model:
 
 - ``train``: (frozen…, weights…, x, y, mask, lr, wd) → (new:weights…, loss). One step of plain
-  minibatch SGD with L2 weight decay as in torch.optim.SGD: ``w ← w − lr · (∇w + wd · w)``, on the
+  minibatch SGD with L2 weight decay as in torch.optim.SGD: ``w ← w - lr · (∇w + wd · w)``, on the
   softmax cross-entropy averaged over the rows whose ``mask`` is 1 (a short last batch is padded
   with rows of mask 0). Frozen tensors are inputs only.
 - ``test``: (frozen…, weights…, x, y, mask) → (loss_sum, correct_top1, correct_top5), float32 sums
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -121,14 +122,18 @@ def programs(model: ModelDef) -> dict[str, Program]:
     }
 
 
+def _struct(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)  # type: ignore[no-untyped-call]
+
+
 def input_shapes(model: ModelDef, program: str, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Shapes and dtypes of a program's inputs for a fixed batch size."""
     f32, i32 = jnp.float32, jnp.int32
-    weights = [jax.ShapeDtypeStruct(s, f32) for _, s in (*model.frozen_specs, *model.specs)]
-    x = jax.ShapeDtypeStruct((batch, *model.input_shape), f32)
-    y = jax.ShapeDtypeStruct((batch,), i32)
-    mask = jax.ShapeDtypeStruct((batch,), f32)
-    scalar = jax.ShapeDtypeStruct((), f32)
+    weights = [_struct(s, f32) for _, s in (*model.frozen_specs, *model.specs)]
+    x = _struct((batch, *model.input_shape), f32)
+    y = _struct((batch,), i32)
+    mask = _struct((batch,), f32)
+    scalar = _struct((), f32)
     if program == TRAIN:
         return (*weights, x, y, mask, scalar, scalar)
     if program == TEST:

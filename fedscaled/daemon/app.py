@@ -23,11 +23,13 @@ from typing import IO
 from aiohttp import web
 
 from fedscaled import __version__
+from fedscaled.artifacts import PREBUILT_DIR
 from fedscaled.ctl import unix_socket
 from fedscaled.ctl.api import build_control_app
 from fedscaled.daemon import systemd
 from fedscaled.daemon.config import DaemonConfig
 from fedscaled.errors import FedError
+from fedscaled.jobs.artifacts import ArtifactCatalog
 from fedscaled.jobs.engine import Engine
 from fedscaled.jobs.joblog import JobLog
 from fedscaled.jobs.registry import JobRegistry
@@ -90,7 +92,8 @@ class Daemon:
         self._lock_data_dir()
         self.store = open_store(config.data_dir)
         registry = JobRegistry(self.store, JobLog(self.store))
-        self.engine = Engine(registry, max_pending_checkins=config.max_pending_checkins)
+        artifacts = ArtifactCatalog([config.artifact_path, PREBUILT_DIR])
+        self.engine = Engine(registry, max_pending_checkins=config.max_pending_checkins, artifacts=artifacts)
         await self.engine.start()
 
         self._control_sock = unix_socket.bind(config.socket_path, config.socket_group)

@@ -17,7 +17,7 @@ fedscaled — federated-learning aggregation daemon.
 Devices (phones, the simulator) talk HTTP to --listen; operators use `fedscalectl` over the
 Unix control socket. Every option can also be set as an environment variable FEDSCALED_<NAME>
 (e.g. FEDSCALED_DATA_DIR) or in a YAML file given with --config (keys: data_dir, listen,
-control_socket, socket_group, log_level, shutdown_timeout, max_pending_checkins). Precedence:
+control_socket, socket_group, log_level, shutdown_timeout, max_pending_checkins, artifact_dir). Precedence:
 flags > environment > config file > defaults.
 """
 
@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log verbosity (default info)")
     start.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
                        help="longest wait for in-flight requests at shutdown (default 10)")
+    start.add_argument("--artifact-dir", metavar="DIR",
+                       help="on-device artifacts (.tflite, .mnn) built with scripts/build-artifacts.sh for jobs "
+                            "whose shapes the package does not ship; searched before the prebuilt ones "
+                            "(default DATA_DIR/artifacts)")
     return parser
 
 
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     flags = {"data_dir": args.data_dir, "listen": args.listen, "control_socket": args.control_socket,
              "socket_group": args.socket_group, "log_level": args.log_level,
-             "shutdown_timeout": args.shutdown_timeout}
+             "shutdown_timeout": args.shutdown_timeout, "artifact_dir": args.artifact_dir}
     try:
         config = load_config({k: v for k, v in flags.items() if v is not None}, args.config)
     except InvalidConfig as exc:

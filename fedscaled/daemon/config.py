@@ -32,11 +32,17 @@ class DaemonConfig:
     log_level: str = "info"
     shutdown_timeout: float = 10.0
     max_pending_checkins: int = 20000
+    artifact_dir: Path | None = None
 
     @property
     def socket_path(self) -> Path:
         """The control socket path (explicit, or the default for the data dir)."""
         return self.control_socket if self.control_socket is not None else default_socket(self.data_dir)
+
+    @property
+    def artifact_path(self) -> Path:
+        """Folder searched for on-device artifacts before the package's prebuilt ones."""
+        return self.artifact_dir if self.artifact_dir is not None else self.data_dir / "artifacts"
 
     @property
     def listen(self) -> str:
@@ -54,6 +60,7 @@ OPTIONS = {
     "log_level": "log_level",
     "shutdown_timeout": "shutdown_timeout",
     "max_pending_checkins": "max_pending_checkins",
+    "artifact_dir": "artifact_dir",
 }
 
 
@@ -81,7 +88,7 @@ def _apply(values: dict[str, Any], name: str, raw: Any, origin: str) -> None:
         raise InvalidConfig(f"unknown daemon option {name!r} in {origin} (known: {known})")
     if raw is None:
         return
-    if name in ("data_dir", "control_socket"):
+    if name in ("data_dir", "control_socket", "artifact_dir"):
         values[name] = Path(str(raw)).expanduser()
     elif name == "listen":
         values["listen_host"], values["listen_port"] = parse_listen(str(raw))

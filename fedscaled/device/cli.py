@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedscaled.device.client import ProtocolError, ServerUnavailable, Stopped
-from fedscaled.device.simulator import FineTuneConfig, SimConfig, fine_tune_fleet, simulate
+from fedscaled.device.simulator import SIM_BACKENDS, FineTuneConfig, SimConfig, fine_tune_fleet, simulate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 4
 
@@ -71,6 +71,10 @@ def _add_fleet_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--credentials", type=Path,
                    help="JSON file of device ids and tokens: read to resume enrollments, written "
                         "(mode 0600) at the end")
+    p.add_argument("--backend", choices=SIM_BACKENDS, default="jax",
+                   help="engine the devices train and test with: jax (the reference trainer), tflite (LiteRT "
+                        "running the job's .tflite artifact), mnn (MNN running its .mnn artifact), or mixed "
+                        "(devices take tflite, mnn and jax in turn) (jax)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
 
@@ -124,7 +128,7 @@ def _sim_config(args: argparse.Namespace, **extra: object) -> SimConfig:
         max_seconds=args.max_seconds, concurrency=args.concurrency,
         checkin_timeout=args.checkin_timeout, backoff_base=args.backoff_base,
         backoff_cap=args.backoff_cap, shared_cache=not args.per_device_cache,
-        credentials=args.credentials, **extra)  # type: ignore[arg-type]
+        credentials=args.credentials, backend=args.backend, **extra)  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = sum(r.accuracy_before for r in results) / max(1, len(results))
         after = sum(r.accuracy_after for r in results) / max(1, len(results))
         report = {"devices": len(results), "model_version": results[0].model_version if results else None,
-                  "mean_accuracy_before": before, "mean_accuracy_after": after, "samples": n}
+                  "mean_accuracy_before": before, "mean_accuracy_after": after, "samples": n,
+                  "backends": sorted({r.backend for r in results})}
         print(json.dumps(report) if args.json else
               f"fedscaled-device: fine-tuned {len(results)} devices on model "
               f"{report['model_version']}: local accuracy {before:.3f} -> {after:.3f}")

@@ -30,6 +30,8 @@ from fedscaled import errors
 from fedscaled.core.models import ModelDef
 from fedscaled.core.models import build as build_model
 from fedscaled.device import train
+from fedscaled.device.artifact_cache import ArtifactCache, ArtifactMismatch
+from fedscaled.device.backends import ArtifactBackend, Backend
 from fedscaled.device.datasets import DeviceData
 
 log = logging.getLogger("fedscaled.device")
@@ -138,6 +140,7 @@ class FineTuneResult:
     accuracy_after: float
     samples: int
     loss: float
+    backend: str = "jax"
 
 
 class ModelCache:
@@ -215,6 +218,8 @@ class DeviceClient:
         stop: asyncio.Event | None = None,
         compute: asyncio.Semaphore | None = None,
         device_info: dict[str, str] | None = None,
+        backends: tuple[str, ...] = ("jax",),
+        artifacts: ArtifactCache | None = None,
     ) -> None:
         self.session = session
         self.server = server.rstrip("/")
@@ -223,7 +228,9 @@ class DeviceClient:
         self.enrollment_token = enrollment_token
         self.device_id = device_id
         self.token = token
-        self.state = state or (lambda: DeviceState(num_samples=data.num_train))
+        self.backends = tuple(backends)
+        self.state = state or (lambda: DeviceState(num_samples=data.num_train, backends=self.backends))
+        self.artifacts = artifacts if artifacts is not None else ArtifactCache()
         self.behaviour = behaviour or Behaviour()
         self.rng = random.Random(seed)
         self.np_rng = np.random.default_rng(seed)
@@ -353,7 +360,7 @@ class DeviceClient:
         """``GET /v1/jobs/{job}/model``; also builds the zoo model it names (cached on the client)."""
         info: dict[str, Any] = await self.request_json("GET", f"/v1/jobs/{self.job}/model")
         self.model_def = build_model(str(info["model"]), tuple(int(d) for d in info["input_shape"]),
-                                     int(info["num_classes"]))
+                                     int(info["num_classes"]), float(info.get("width_multiplier", 1.0)))
         self.model_order = [str(t["name"]) for t in info.get("tensors", [])] or [
             name for name, _ in self.model_def.specs]
         return info
@@ -422,6 +429,20 @@ class DeviceClient:
                                     f"model {version} lacks or misshapes tensor {name}")
         return params
 
+    async def _get(self, path: str) -> bytes:
+        _, _, body = await self.request("GET", path)
+        return body
+
+    async def _engine(self, task: Mapping[str, Any]) -> tuple[Backend, NumpyParams]:
+        """The backend a task asks for (its ``artifact``; JAX when absent) and the model's frozen tensors."""
+        model = self._model()
+        try:
+            backend = await self.artifacts.backend(model, task.get("artifact") or {"backend": "jax"}, self._get)
+            frozen = await self.artifacts.frozen(task.get("frozen"), self._get)
+        except ArtifactMismatch as exc:
+            raise ProtocolError(200, "artifact_mismatch", str(exc)) from None
+        return backend, frozen
+
     # ---- tasks -------------------------------------------------------------------------------------
 
     async def do_train(self, task: dict[str, Any]) -> None:
@@ -429,12 +450,12 @@ class DeviceClient:
         task_id, version = str(task["task_id"]), int(task["model_version"])
         config = task.get("config", {})
         params = await self._weights(version)
+        backend, frozen = await self._engine(task)
         started = time.monotonic()
-        model = self._model()
         seed = self.seed * 1_000_003 + self._tasks_done
         self._tasks_done += 1
-        new, loss, samples = await self._compute(lambda: train.train_local(
-            model, params, self.data.x_train, self.data.y_train,
+        new, loss, samples = await self._compute(lambda: backend.train(
+            frozen, params, self.data.x_train, self.data.y_train,
             lr=float(config.get("learning_rate", 0.05)), local_steps=int(config.get("local_steps", 20)),
             batch_size=int(config.get("batch_size", 32)), epochs=int(config.get("epochs", 0) or 0),
             weight_decay=float(config.get("weight_decay", 0.0) or 0.0), seed=seed))
@@ -468,10 +489,10 @@ class DeviceClient:
             return
         bsz = int(task.get("config", {}).get("test_bsz", 64) or 64)
         params = await self._weights(version)
+        backend, frozen = await self._engine(task)
         started = time.monotonic()
-        model = self._model()
         counts = await self._compute(
-            lambda: train.evaluate(model, params, self.data.x_test, self.data.y_test, batch_size=bsz))
+            lambda: backend.evaluate(frozen, params, self.data.x_test, self.data.y_test, batch_size=bsz))
         self.stats.tested += 1
         answer = await self.post_result(task_id, counts, time.monotonic() - started)
         self.stats.results_accepted += bool(answer.get("accepted"))
@@ -495,7 +516,7 @@ class DeviceClient:
                 answer = await self.checkin()
                 action = answer.get("action")
                 if action == "done":
-                    self.stats.done_state = str(answer.get("state", "finished"))
+                    self.stats.done_state = str(answer.get("reason") or answer.get("state", "finished"))
                     break
                 if action == "wait":
                     self.stats.waits += 1
@@ -557,17 +578,24 @@ class DeviceClient:
         info = await self.model_info()
         version = int(info["latest_version"])
         params = await self._weights(version)
-        model = self._model()
+        served = info.get("backends") or {"jax": {"backend": "jax"}}
+        choice = next((b for b in self.backends if b in served), None)
+        if choice is None:
+            raise ProtocolError(200, "unsupported_backend",
+                                f"the job serves {', '.join(served)}; this device runs {', '.join(self.backends)}")
+        backend, frozen = await self._engine({"artifact": served[choice], "frozen": info.get("frozen")})
+        if isinstance(backend, ArtifactBackend):
+            batch_size = backend.train_batch  # the artifact's graph fixes it
         xt = self.data.x_test if x_test is None else x_test
         yt = self.data.y_test if y_test is None else y_test
 
         def work() -> FineTuneResult:
-            before = train.evaluate(model, params, xt, yt)
-            new, loss, samples = train.train_local(
-                model, params, self.data.x_train, self.data.y_train, lr=lr, local_steps=local_steps,
+            before = backend.evaluate(frozen, params, xt, yt, batch_size)
+            new, loss, samples = backend.train(
+                frozen, params, self.data.x_train, self.data.y_train, lr=lr, local_steps=local_steps,
                 batch_size=batch_size, epochs=epochs, weight_decay=weight_decay, seed=self.seed)
-            after = train.evaluate(model, new, xt, yt)
-            return FineTuneResult(version, before.accuracy, after.accuracy, samples, loss)
+            after = backend.evaluate(frozen, new, xt, yt, batch_size)
+            return FineTuneResult(version, before.accuracy, after.accuracy, samples, loss, backend.name)
 
         result: FineTuneResult = await self._compute(work)
         return result

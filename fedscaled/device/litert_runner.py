@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from ai_edge_litert import schema_py_generated as _schema  # type: ignore[import-untyped, import-not-found, unused-ignore]
-from ai_edge_litert.interpreter import Interpreter  # type: ignore[import-untyped, import-not-found, unused-ignore]
+from ai_edge_litert import schema_py_generated as _schema
+from ai_edge_litert.interpreter import Interpreter
 
 __all__ = ["LiteRTProgram"]
 

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import MNN  # type: ignore[import-untyped]
+import MNN
 import numpy as np
 
 __all__ = ["MNNProgram"]

@@ -22,6 +22,7 @@ import aiohttp
 import numpy as np
 
 from fedscaled.device import datasets
+from fedscaled.device.artifact_cache import ArtifactCache
 from fedscaled.device.client import (
     Behaviour,
     ClientStats,
@@ -61,6 +62,18 @@ class SimConfig:
     backoff_cap: float = 60.0
     shared_cache: bool = True
     credentials: Path | None = None
+    backend: str = "jax"  # jax | tflite | mnn | mixed (devices take tflite, mnn, jax in turn)
+
+
+SIM_BACKENDS = ("jax", "tflite", "mnn", "mixed")
+MIXED_ORDER = ("tflite", "mnn", "jax")
+
+
+def device_backends(choice: str, index: int) -> tuple[str, ...]:
+    """What device ``index`` announces at check-in for the ``--backend`` choice."""
+    if choice not in SIM_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(SIM_BACKENDS)}, got {choice!r}")
+    return (MIXED_ORDER[index % len(MIXED_ORDER)],) if choice == "mixed" else (choice,)
 
 
 @dataclass
@@ -105,16 +118,17 @@ def sum_stats(all_stats: list[ClientStats]) -> ClientStats:
     return total
 
 
-def state_provider(num_samples: int, offline: float, rng: random.Random) -> Callable[[], DeviceState]:
+def state_provider(num_samples: int, offline: float, rng: random.Random,
+                   backends: tuple[str, ...] = ("jax",)) -> Callable[[], DeviceState]:
     """Device state that is unplugged/busy (ineligible) a fraction ``offline`` of check-ins."""
 
     def state() -> DeviceState:
         if rng.random() < offline:
             return DeviceState(battery=rng.randint(5, 60), charging=False, idle=False,
                                unmetered=rng.random() < 0.5, free_storage_mb=2048,
-                               num_samples=num_samples)
+                               num_samples=num_samples, backends=backends)
         return DeviceState(battery=rng.randint(60, 100), charging=True, idle=True, unmetered=True,
-                           free_storage_mb=4096, num_samples=num_samples)
+                           free_storage_mb=4096, num_samples=num_samples, backends=backends)
 
     return state
 
@@ -143,6 +157,7 @@ def _save_credentials(path: Path | None, clients: list[DeviceClient]) -> None:
 def _make_clients(cfg: SimConfig, session: aiohttp.ClientSession, deadline: float,
                   stop: asyncio.Event) -> list[DeviceClient]:
     shared = ModelCache(max_entries=2) if cfg.shared_cache else None
+    artifacts = ArtifactCache() if cfg.shared_cache else None
     compute = asyncio.Semaphore(max(1, os.cpu_count() or 1))
     creds = _load_credentials(cfg.credentials)
     clients = []
@@ -159,7 +174,8 @@ def _make_clients(cfg: SimConfig, session: aiohttp.ClientSession, deadline: floa
             cache=shared if shared is not None else ModelCache(max_entries=1),
             checkin_timeout=cfg.checkin_timeout, backoff_base=cfg.backoff_base,
             backoff_cap=cfg.backoff_cap, deadline=deadline, stop=stop, compute=compute,
-            device_info={"model": "fedscaled-sim", "os": "python", "index": str(i)}))
+            device_info={"model": "fedscaled-sim", "os": "python", "index": str(i)},
+            backends=device_backends(cfg.backend, i), artifacts=artifacts))
         clients[-1].rng = rng
     return clients
 
@@ -180,7 +196,8 @@ async def _prepare(cfg: SimConfig, clients: list[DeviceClient]) -> None:
     offline_rng = random.Random(cfg.seed)
     for client, d in zip(clients, data, strict=True):
         client.data = d
-        client.state = state_provider(d.num_train, cfg.offline, random.Random(offline_rng.random()))
+        client.state = state_provider(d.num_train, cfg.offline, random.Random(offline_rng.random()),
+                                      client.backends)
 
 
 async def simulate(cfg: SimConfig) -> SimSummary:

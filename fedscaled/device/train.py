@@ -99,7 +99,7 @@ def _step_bucket(steps: int) -> int:
     return 1 << (steps - 1).bit_length()
 
 
-def _batch_plan(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+def batch_plan(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Index batches for ``steps`` SGD steps: shuffled passes without replacement, wrapping around.
 
     Like a DataLoader with ``shuffle=True, drop_last=False`` re-iterated until the step count is
@@ -161,7 +161,7 @@ def train_local(
     if steps < 1:
         raise ValueError("need local_steps >= 1 or epochs >= 1")
     trainer = make_trainer(model_def)
-    plan = _batch_plan(n, b, steps, np.random.default_rng(seed))
+    plan = batch_plan(n, b, steps, np.random.default_rng(seed))
     total = _step_bucket(steps)
     xs = np.zeros((total, b, *x.shape[1:]), dtype=np.float32)
     ys = np.zeros((total, b), dtype=np.int32)

@@ -7,16 +7,21 @@ device's token, and keeps jobs independent: one job's failure ends only that job
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from typing import Any
 
+from fedscaled.artifacts import PREBUILT_DIR
+from fedscaled.core import artifact_spec
 from fedscaled.core.config import JobConfig
 from fedscaled.core.models import ModelDef
 from fedscaled.core.rounds import DeviceStatus, Task
-from fedscaled.errors import InvalidConfig, JobNotActive, JobNotFound, UnknownModelVersion
+from fedscaled.errors import InvalidConfig, JobNotActive, JobNotFound, NoArtifact, UnknownModelVersion
+from fedscaled.jobs.artifacts import Artifact, ArtifactCatalog
 from fedscaled.jobs.devices import DeviceDirectory
+from fedscaled.jobs.initial_model import FROZEN_KEY, initial_model, model_of
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
-from fedscaled.jobs.runner import JobRunner, accepted_answer, initial_model_bytes, model_of
+from fedscaled.jobs.runner import JobRunner, accepted_answer
 from fedscaled.metrics import Metrics
 from fedscaled.store.lmdb_store import WriteBatch, key
 
@@ -31,8 +36,9 @@ class Engine:
     """Runs the active jobs of a registry and serves the device operations."""
 
     def __init__(self, registry: JobRegistry, *, max_pending_checkins: int = 20000,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, artifacts: ArtifactCatalog | None = None) -> None:
         self.registry = registry
+        self.artifacts = artifacts if artifacts is not None else ArtifactCatalog([PREBUILT_DIR])
         self.store = registry.store
         self.devices = DeviceDirectory(self.store)
         self.metrics = metrics or Metrics()
@@ -40,6 +46,7 @@ class Engine:
         self.shutting_down = False
         self._pool_budget = [max_pending_checkins]
         self._retiring: set[asyncio.Task[None]] = set()
+        self._frozen_digest: dict[str, str] = {}
         registry.on_submit = self._add_initial_model
         registry.on_state_change.append(self._state_changed)
 
@@ -73,10 +80,24 @@ class Engine:
             # synchronous rounds only: refusing beats silently running a different algorithm.
             raise InvalidConfig("asynchronous mode (aggregator_entry: ...async_aggregator.py) is not supported "
                                 "yet; remove aggregator_entry to run synchronous rounds", key="aggregator_entry")
-        try:
-            batch.put("models", key(config.name, 0), initial_model_bytes(config))
-        except ValueError as exc:  # e.g. cnn with an input too small to pool twice
-            raise InvalidConfig(f"model {config['model']}: {exc}", key="model") from None
+        initial = initial_model(config, self.store)
+        batch.put("models", key(config.name, 0), initial.model_bytes)
+        if initial.frozen_bytes is not None:
+            batch.put("models", key(config.name, FROZEN_KEY), initial.frozen_bytes)
+        for note in initial.notes:
+            self.registry.log.add(batch, config.name, note)
+        artifact_key = artifact_spec.key_of(config)
+        self.artifacts.forget(artifact_key)  # look again: the operator may have added a build since
+        found = self.artifacts.for_key(artifact_key)
+        served = ", ".join(f"{b} ({a.total_bytes} bytes, {a.sha256[:12]})" for b, a in found.items())
+        missing = [b for b in artifact_spec.BACKENDS if b not in found]
+        self.registry.log.add(batch, config.name, f"Backends served: jax{', ' + served if served else ''}")
+        if missing:
+            self.registry.log.add(
+                batch, config.name,
+                f"No {'/'.join(missing)} artifact for {artifact_key.slug()}: devices that run only "
+                f"{' or '.join(missing)} are told the job is not for them. Build one with "
+                f"`scripts/build-artifacts.sh JOBFILE --out ARTIFACT_DIR` (docs/mobile.md)", level="WARNING")
 
     def _state_changed(self, name: str, record: dict[str, Any]) -> None:
         runner = self.runners.get(name)
@@ -84,6 +105,7 @@ class Engine:
             if runner is not None:  # replaced job: drop the old runner's state
                 self._retire(runner)
             self.devices.forget_job(name)
+            self._frozen_digest.pop(name, None)
             if not self.shutting_down:
                 self._start_runner(name)
         elif runner is not None:
@@ -111,6 +133,50 @@ class Engine:
         runner = self.runners.get(job)
         return runner.model if runner is not None else model_of(self.registry.config(job))
 
+    def job_artifacts(self, job: str) -> dict[str, Artifact]:
+        """The artifacts a job serves, by backend."""
+        return self.artifacts.for_key(artifact_spec.key_of(self.registry.config(job).values))
+
+    def artifact(self, job: str, backend: str) -> Artifact:
+        """One backend's artifact of a job. Raises NoArtifact."""
+        found = self.job_artifacts(job).get(backend)
+        if found is None:
+            raise NoArtifact(f"job {job} serves no {backend!r} artifact; it serves "
+                             f"{', '.join(self.served_backends(job))}", backend=backend[:32])
+        return found
+
+    def served_backends(self, job: str) -> list[str]:
+        """Backends a device can train this job with: the reference runtime's, then those with artifacts."""
+        return [*artifact_spec.NATIVE_BACKENDS, *self.job_artifacts(job)]
+
+    def frozen_bytes(self, job: str) -> bytes:
+        """The job's frozen tensors as safetensors. Raises NoArtifact for a model without any."""
+        self.registry.get(job)
+        data = self.store.get("models", key(job, FROZEN_KEY))
+        if data is None:
+            raise NoArtifact(f"the model of job {job} has no frozen tensors")
+        return data
+
+    def _backend_for(self, job: str, status: DeviceStatus) -> str | None:
+        served = self.served_backends(job)
+        return next((b for b in status.backends if b in served), None)
+
+    def _describe_backend(self, job: str, backend: str) -> dict[str, Any]:
+        if backend in artifact_spec.NATIVE_BACKENDS:
+            return {"backend": backend}
+        artifact = self.artifact(job, backend)
+        return {"backend": backend, "manifest": f"/v1/jobs/{job}/artifacts/{backend}", "sha256": artifact.sha256}
+
+    def frozen_ref(self, job: str) -> dict[str, Any] | None:
+        """Where a device gets the job's frozen tensors, and their SHA-256 (None: the model has none)."""
+        model = self.model_def(job)
+        if not model.frozen_specs:
+            return None
+        digest = self._frozen_digest.get(job)
+        if digest is None:
+            digest = self._frozen_digest[job] = hashlib.sha256(self.frozen_bytes(job)).hexdigest()
+        return {"url": f"/v1/jobs/{job}/frozen", "sha256": digest}
+
     def max_upload_bytes(self, job: str) -> int:
         """Largest accepted upload body for the job's model."""
         return self.model_def(job).num_params * 4 + HEADER_ALLOWANCE
@@ -136,11 +202,21 @@ class Engine:
     async def checkin(self, job: str, device_id: str, status: DeviceStatus) -> dict[str, Any]:
         """A device's check-in; ended jobs answer 'done'."""
         runner = self.runners.get(job)
+        backend = self._backend_for(job, status)
         if runner is None:
             record = self.registry.get(job)
             answer = {"action": "done", "state": record["state"]}
+        elif backend is None:
+            # Nothing this device can run: tell it so instead of handing it a task it cannot do.
+            answer = {"action": "done", "reason": "unsupported_backend", "state": self.registry.get(job)["state"],
+                      "backends": self.served_backends(job)}
         else:
             answer = await runner.checkin(device_id, status)
+            if "task" in answer:
+                answer = {**answer, "task": {**answer["task"], "artifact": self._describe_backend(job, backend)}}
+                frozen = self.frozen_ref(job)
+                if frozen is not None:
+                    answer["task"]["frozen"] = frozen
         self.metrics.checkins.labels(job, answer["action"]).inc()
         return answer
 
@@ -148,10 +224,16 @@ class Engine:
         """The job's model description for devices."""
         record = self.registry.get(job)
         model = self.model_def(job)
-        return {"job": job, "model": model.name, "input_shape": list(model.input_shape),
-                "num_classes": model.num_classes, "latest_version": record["model_version"],
-                "num_params": model.num_params, "state": record["state"],
-                "tensors": [{"name": n, "shape": list(s), "dtype": "F32"} for n, s in model.specs]}
+        info = {"job": job, "model": model.name, "input_shape": list(model.input_shape),
+                "num_classes": model.num_classes, "width_multiplier": model.width_multiplier,
+                "latest_version": record["model_version"], "num_params": model.num_params, "state": record["state"],
+                "tensors": [{"name": n, "shape": list(s), "dtype": "F32"} for n, s in model.specs],
+                "frozen_tensors": [{"name": n, "shape": list(s), "dtype": "F32"} for n, s in model.frozen_specs],
+                "backends": {b: self._describe_backend(job, b) for b in self.served_backends(job)}}
+        frozen = self.frozen_ref(job)
+        if frozen is not None:
+            info["frozen"] = frozen
+        return info
 
     def model_bytes(self, job: str, version: int) -> bytes:
         """Weights of a model version as safetensors."""

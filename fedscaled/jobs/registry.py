@@ -98,9 +98,6 @@ class JobRegistry:
             "config": config.to_record(),
         }
         batch.put_json("jobs", key(config.name), record)
-        self._records[config.name] = record
-        if self.on_submit is not None:
-            self.on_submit(config, batch)
         where = f" from {source}" if source else ""
         self.log.add(batch, config.name, f"Job {config.name} submitted{where}: model {config['model']}, "
                      f"{config['rounds']} rounds, {config['num_participants']} participants per round, "
@@ -109,9 +106,18 @@ class JobRegistry:
             self.log.add(batch, config.name, "Ignored keys (FedScale launcher or simulator settings): "
                          + ", ".join(config.ignored), level="WARNING")
         try:
+            # The engine adds the initial model (and may refuse the job): nothing is kept in memory or
+            # in the store until the whole batch commits.
+            if self.on_submit is not None:
+                self.on_submit(config, batch)
+            self._records[config.name] = record
             await self.store.commit(batch)
         except BaseException:
-            self._records.pop(config.name, None)
+            if existing is None:
+                self._records.pop(config.name, None)
+            else:
+                self._records[config.name] = existing
+            self.log.forget(config.name)
             raise
         self.log.notify(config.name)
         self._changed(config.name, record)

@@ -22,7 +22,6 @@ import numpy as np
 
 from fedscaled.core import aggregate, codec, rounds
 from fedscaled.core.config import JobConfig
-from fedscaled.core.models import ModelDef, build
 from fedscaled.core.oort import DeviceStats, OortState, select_oort, update_stats
 from fedscaled.core.results import test_result, update_metadata
 from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Phase, Task
@@ -35,6 +34,7 @@ from fedscaled.errors import (
     WrongTaskKind,
 )
 from fedscaled.jobs.durable_sum import DurableSum
+from fedscaled.jobs.initial_model import model_of
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
 from fedscaled.jobs.robust import robust_aggregate
 from fedscaled.metrics import Metrics
@@ -68,17 +68,6 @@ class Waiter:
 def accepted_answer(task: Task, duplicate: bool) -> dict[str, Any]:
     """The answer to an accepted (or re-sent) result."""
     return {"accepted": True, "task_id": task.task_id, "round": task.round, "duplicate": duplicate}
-
-
-def initial_model_bytes(config: JobConfig) -> bytes:
-    """Model version 0 of a new job: the zoo's initial weights, seeded by ``sample_seed``."""
-    model = model_of(config)
-    return codec.encode_model(codec.flatten(model.init(config["sample_seed"]), model.specs), model.specs)
-
-
-def model_of(config: JobConfig) -> ModelDef:
-    """The zoo model a job trains."""
-    return build(config["model"], config["input_shape"], config["num_classes"], config["width_multiplier"])
 
 
 class JobRunner:

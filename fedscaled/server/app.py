@@ -18,6 +18,7 @@ from fedscaled.errors import (
     BadRequest,
     FedError,
     InvalidTensor,
+    NoArtifact,
     Overloaded,
     PayloadTooLarge,
     UnknownModelVersion,
@@ -124,10 +125,59 @@ async def model_weights(request: web.Request) -> web.Response:
         raise UnknownModelVersion(f"job {job} has no model version {raw}", version=raw)
     etag = f'"{job}-{version}"'
     data = _engine(request).model_bytes(job, version)
-    headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
+    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     return web.Response(body=data, content_type="application/octet-stream", headers=headers)
+
+
+IMMUTABLE = "private, max-age=31536000, immutable"
+BACKEND_RE = re.compile(r"[a-z0-9_]{1,32}")
+
+
+def _cached(request: web.Request, data: bytes, sha256: str, content_type: str, *, immutable: bool) -> web.Response:
+    """``data`` with its SHA-256 as ETag; 304 when the device already holds it."""
+    etag = f'"{sha256}"'
+    headers = {"ETag": etag, "Cache-Control": IMMUTABLE if immutable else "private, no-cache"}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=data, content_type=content_type, headers=headers)
+
+
+def _backend(request: web.Request) -> str:
+    backend = request.match_info["backend"]
+    if not BACKEND_RE.fullmatch(backend):
+        raise BadRequest(f"backend must be a short lower-case name, got {backend[:40]!r}", field="backend")
+    return backend
+
+
+async def artifact_manifest(request: web.Request) -> web.Response:
+    """The manifest of the job's artifact for a backend (JSON; ETag is its SHA-256)."""
+    job, _ = _device(request)
+    artifact = _engine(request).artifact(job, _backend(request))
+    # Revalidated (no-cache): the same URL may name a rebuilt artifact after the job is replaced.
+    return _cached(request, artifact.manifest, artifact.sha256, "application/json", immutable=False)
+
+
+async def artifact_file(request: web.Request) -> web.Response:
+    """One file of the job's artifact for a backend (ETag is its SHA-256, as in the manifest)."""
+    job, _ = _device(request)
+    artifact = _engine(request).artifact(job, _backend(request))
+    name = request.match_info["file"]
+    data = artifact.files.get(name)
+    if data is None:
+        raise NoArtifact(f"the {artifact.backend} artifact of job {job} has no file {name[:64]!r}",
+                         backend=artifact.backend)
+    return _cached(request, data, artifact.file_sha256[name], "application/octet-stream", immutable=True)
+
+
+async def frozen_weights(request: web.Request) -> web.Response:
+    """The job's frozen tensors (safetensors), for models that train only a head."""
+    job, _ = _device(request)
+    engine = _engine(request)
+    data = engine.frozen_bytes(job)
+    reference = engine.frozen_ref(job) or {}
+    return _cached(request, data, str(reference.get("sha256", "")), "application/octet-stream", immutable=False)
 
 
 BUSY_WAIT_SECONDS = 60.0
@@ -282,6 +332,9 @@ def build_device_app(engine: Engine) -> web.Application:
     app.router.add_post("/v1/jobs/{job}/checkin", checkin)
     app.router.add_get("/v1/jobs/{job}/model", model_info)
     app.router.add_get("/v1/jobs/{job}/models/{version}", model_weights)
+    app.router.add_get("/v1/jobs/{job}/artifacts/{backend}", artifact_manifest)
+    app.router.add_get("/v1/jobs/{job}/artifacts/{backend}/{file}", artifact_file)
+    app.router.add_get("/v1/jobs/{job}/frozen", frozen_weights)
     app.router.add_put("/v1/jobs/{job}/tasks/{task_id}/update", _counting_refusals("uploads", _upload))
     app.router.add_post("/v1/jobs/{job}/tasks/{task_id}/result", _counting_refusals("results", _result))
     return app
