@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import checkins, close, ingest, kernel, memory, startup
+from bench import checkins, close, ingest, kernel, memory, mobile, startup
 from bench.common import PROFILES, RESULTS, Profile, Result, kill_all, table, write_results
 
 BENCHMARKS: dict[str, Callable[[Profile], list[Result]]] = {
@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, Callable[[Profile], list[Result]]] = {
     "checkins": checkins.run,
     "close": close.run,
     "startup": startup.run,
+    "mobile": mobile.run,
 }
 
 

@@ -177,7 +177,7 @@ def test_pretrained_file_seeds_the_model_and_bad_ones_leave_nothing(daemon: Daem
     path.write_bytes(save(weights))
     _submit(daemon, tmp_path, _named(DIGITS, "seeded", pretrained=str(path)))
     device = Device(daemon, "seeded")
-    status, _, body = device.raw("GET", "/models/0")
+    _, _, body = device.raw("GET", "/models/0")
     from safetensors.numpy import load
 
     model = load(body)

@@ -101,14 +101,8 @@ def hard_swish(x: jax.Array) -> jax.Array:
 
 
 def _pad_hw(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Array:
-    n, _, w, c = x.shape
-    if top or bottom:
-        x = jnp.concatenate([jnp.zeros((n, top, w, c), x.dtype), x, jnp.zeros((n, bottom, w, c), x.dtype)], axis=1)
-    if left or right:
-        hp = x.shape[1]
-        x = jnp.concatenate([jnp.zeros((n, hp, left, c), x.dtype), x, jnp.zeros((n, hp, right, c), x.dtype)],
-                            axis=2)
-    return x
+    # A Pad op, not a concatenation with zeros: zeros would be stored in the files as batch-sized constants.
+    return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
 
 
 def pad_hw(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Array:
@@ -194,11 +188,13 @@ def depthwise(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1)
     p = k // 2
     _, h, w, _ = x.shape
     xp = pad_hw(x, p, p, p, p)
-    y = jnp.zeros_like(x)
+    # Start from the bias, not from zeros_like(x): a zero tensor of the batch's shape would be stored in
+    # the exported files as a constant.
+    y = bias + xp[:, 0:h, 0:w, :] * kernel[0, 0]
     for i in range(k):
         for j in range(k):
-            y = y + xp[:, i:i + h, j:j + w, :] * kernel[i, j]
-    y = y + bias
+            if i or j:
+                y = y + xp[:, i:i + h, j:j + w, :] * kernel[i, j]
     return subsample2(y) if stride == 2 else y
 
 

@@ -25,7 +25,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     described = {
         400: "bad_request: malformed JSON or a missing or mistyped field",
         401: "unauthorized: missing or wrong token",
-        404: "job_not_found, unknown_task or unknown_model_version",
+        404: "job_not_found, unknown_task, unknown_model_version or no_artifact",
         409: "job_not_active, wrong_round or wrong_task_kind",
         410: "task_expired: the task's deadline passed",
         413: "payload_too_large: body above the job's limit",
@@ -39,6 +39,39 @@ _PATH_JOB = {"name": "job", "in": "path", "required": True, "schema": {"type": "
 _PATH_TASK = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
+_ARTIFACT_REF = {
+    "type": "object", "required": ["backend"],
+    "description": "The engine to run the task with: jax (the reference runtime, no download), or an artifact "
+                   "to fetch from `manifest` (its SHA-256 is `sha256`; cache by it)",
+    "properties": {"backend": {"type": "string"}, "manifest": {"type": "string"}, "sha256": {"type": "string"}},
+}
+_FROZEN_REF = {
+    "type": "object", "required": ["url", "sha256"],
+    "description": "The model's frozen tensors (safetensors), for models that train only a head",
+    "properties": {"url": {"type": "string"}, "sha256": {"type": "string"}},
+}
+_TENSORS = {"type": "array", "items": {"type": "object", "required": ["name", "shape", "dtype"], "properties": {
+    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+    "dtype": {"type": "string", "enum": ["F32"]}}}}
+_MODEL_INFO = {
+    "type": "object",
+    "required": ["job", "model", "input_shape", "num_classes", "width_multiplier", "latest_version", "num_params",
+                 "state", "tensors", "frozen_tensors", "backends"],
+    "properties": {
+        "job": {"type": "string"}, "model": {"type": "string"},
+        "input_shape": {"type": "array", "items": {"type": "integer"}}, "num_classes": {"type": "integer"},
+        "width_multiplier": {"type": "number"}, "latest_version": {"type": "integer"},
+        "num_params": {"type": "integer"}, "state": {"type": "string"},
+        "tensors": _TENSORS, "frozen_tensors": _TENSORS,
+        "backends": {"type": "object", "additionalProperties": _ARTIFACT_REF,
+                     "description": "every backend the job serves, by name"},
+        "frozen": _FROZEN_REF,
+    },
+}
+_BINARY = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+_PATH_BACKEND = {"name": "backend", "in": "path", "required": True, "schema": {"type": "string"}}
+_IF_NONE_MATCH = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}}
+
 _TASK = {
     "type": "object",
     "required": ["task_id", "kind", "round", "model_version", "deadline", "deadline_in", "config"],
@@ -49,6 +82,8 @@ _TASK = {
         "deadline_in": {"type": "number", "description": "seconds from now"},
         "config": {"type": "object", "description": "train: learning_rate, local_steps, epochs, batch_size, "
                    "weight_decay; test: test_bsz"},
+        "artifact": _ARTIFACT_REF,
+        "frozen": _FROZEN_REF,
     },
 }
 
@@ -58,9 +93,11 @@ _CHECKIN_ANSWER = {
         "action": {"type": "string", "enum": ["train", "test", "wait", "done"]},
         "task": _TASK,
         "reason": {"type": "string", "enum": ["not_eligible", "not_selected", "round_in_progress", "no_round",
-                                              "superseded", "shutting_down"]},
+                                              "superseded", "shutting_down", "unsupported_backend"]},
         "retry_after": _RETRY,
-        "state": {"type": "string", "enum": ["finished", "stopped", "failed"]},
+        "state": {"type": "string", "enum": ["pending", "running", "finished", "stopped", "failed"]},
+        "backends": {"type": "array", "items": {"type": "string"},
+                     "description": "with reason unsupported_backend: the backends the job serves"},
     },
 }
 
@@ -105,8 +142,25 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"200": _json(_CHECKIN_ANSWER, "the answer"), **_errors(400, 401, 404, 413, 503)}}},
         "/v1/jobs/{job}/model": {"get": {
             "summary": "The job's model layout and latest version", "parameters": [_PATH_JOB],
-            "security": _BEARER, "responses": {"200": _json({"type": "object"}, "model description"),
+            "security": _BEARER, "responses": {"200": _json(_MODEL_INFO, "model description"),
                                                **_errors(401, 404)}}},
+        "/v1/jobs/{job}/artifacts/{backend}": {"get": {
+            "summary": "The manifest of the job's artifact for a backend (docs/mobile.md); ETag is its SHA-256",
+            "parameters": [_PATH_JOB, _PATH_BACKEND, _IF_NONE_MATCH], "security": _BEARER,
+            "responses": {"200": _json({"type": "object"}, "the manifest"), "304": {"description": "not modified"},
+                          **_errors(400, 401, 404)}}},
+        "/v1/jobs/{job}/artifacts/{backend}/{file}": {"get": {
+            "summary": "One file of the artifact (.tflite, .mnn); ETag is its SHA-256 as in the manifest",
+            "parameters": [_PATH_JOB, _PATH_BACKEND, _IF_NONE_MATCH,
+                           {"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "security": _BEARER,
+            "responses": {"200": {"description": "the file", **_BINARY}, "304": {"description": "not modified"},
+                          **_errors(400, 401, 404)}}},
+        "/v1/jobs/{job}/frozen": {"get": {
+            "summary": "The frozen tensors of a model that trains only its head (safetensors); ETag is the SHA-256",
+            "parameters": [_PATH_JOB, _IF_NONE_MATCH], "security": _BEARER,
+            "responses": {"200": {"description": "safetensors file", **_BINARY}, "304": {"description": "not modified"},
+                          **_errors(401, 404)}}},
         "/v1/jobs/{job}/models/{version}": {"get": {
             "summary": "Weights of a model version (safetensors, F32)", "security": _BEARER,
             "parameters": [_PATH_JOB, {"name": "version", "in": "path", "required": True,
