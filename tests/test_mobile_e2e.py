@@ -196,3 +196,22 @@ def test_pretrained_file_seeds_the_model_and_bad_ones_leave_nothing(daemon: Daem
     bad.write_text(MOBILENET.replace("model: mobilenetv3", "model: mobilenetv3_finetune"))
     result = ctl(daemon.socket_path, "submit", str(bad))
     assert result.returncode == 2 and "set pretrained" in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["tflite", "mnn"])
+def test_fine_tune_through_an_artifact(daemon: DaemonProcess, tmp_path: Path, backend: str) -> None:
+    job = f"ft-{backend}"
+    _submit(daemon, tmp_path, _named(DIGITS, job))
+    token = job_status(daemon, job)["enrollment_token"]
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "fedscaled.device.cli", "fine-tune", "--server", daemon.url, "--job", job,
+         f"--token={token}", "--devices", "3", "--dataset", "digits", "--backend", backend, "--lr", "0.1",
+         "--local-steps", "30", "--json", "--max-seconds", "120"],
+        capture_output=True, text=True, timeout=180, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 3 and report["backends"] == [backend]
+    assert report["mean_accuracy_after"] > report["mean_accuracy_before"] + 0.2, report
