@@ -2,7 +2,8 @@
 
 It talks to the daemon only over HTTP. One :class:`DeviceClient` is one phone: it enrolls once and keeps
 its token, checks in with its state, honours every retry window, downloads models by version with an
-ETag cache, trains or tests with :mod:`fedscaled.device.train`, and uploads safetensors. Network
+ETag cache, trains or tests with the engine its task names (JAX, or LiteRT / MNN running the job's
+downloaded artifact: :mod:`fedscaled.device.backends`), and uploads safetensors. Network
 errors and 5xx answers are retried with exponential backoff and jitter, so a daemon restart is survived.
 Every loop is bounded by an iteration count and a deadline so that tests and simulations end by
 themselves.
@@ -193,6 +194,8 @@ class DeviceClient:
     ``session`` is shared among many clients in a simulation. ``device_id``/``token`` may be given to
     resume an earlier enrollment. ``deadline`` (``time.monotonic()`` seconds) bounds every wait and
     retry; ``stop`` ends a run early when set (a simulator sets it once any device hears "done").
+    ``backends`` are the engines it announces at check-in, most preferred first; ``artifacts`` caches
+    downloaded artifacts by hash and may be shared by a simulator's devices.
     """
 
     def __init__(

@@ -47,6 +47,7 @@ class Engine:
         self._pool_budget = [max_pending_checkins]
         self._retiring: set[asyncio.Task[None]] = set()
         self._frozen_digest: dict[str, str] = {}
+        self._artifact_keys: dict[str, artifact_spec.ArtifactKey] = {}
         registry.on_submit = self._add_initial_model
         registry.on_state_change.append(self._state_changed)
 
@@ -106,6 +107,7 @@ class Engine:
                 self._retire(runner)
             self.devices.forget_job(name)
             self._frozen_digest.pop(name, None)
+            self._artifact_keys.pop(name, None)
             if not self.shutting_down:
                 self._start_runner(name)
         elif runner is not None:
@@ -135,7 +137,12 @@ class Engine:
 
     def job_artifacts(self, job: str) -> dict[str, Artifact]:
         """The artifacts a job serves, by backend."""
-        return self.artifacts.for_key(artifact_spec.key_of(self.registry.config(job).values))
+        artifact_key = self._artifact_keys.get(job)
+        if artifact_key is None:  # parsed once per job, not at every check-in
+            runner = self.runners.get(job)
+            config = runner.config if runner is not None else self.registry.config(job)
+            artifact_key = self._artifact_keys[job] = artifact_spec.key_of(config)
+        return self.artifacts.for_key(artifact_key)
 
     def artifact(self, job: str, backend: str) -> Artifact:
         """One backend's artifact of a job. Raises NoArtifact."""
