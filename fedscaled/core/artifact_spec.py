@@ -25,9 +25,16 @@ from fedscaled.core.models import ModelDef, build
 
 FORMAT = "fedscaled-artifact/1"
 BACKENDS = ("tflite", "mnn")
-# Backends a device may announce that need no artifact: the reference runtime builds the model from
-# the zoo itself.
-NATIVE_BACKENDS = ("jax",)
+# Backends a device may announce that need no artifact, because they build the model from its
+# description themselves: "jax" (the Python reference runtime, every zoo model) and "java" (the Android
+# SDK's plain-Java trainer, the dense models only; sdk/android).
+NATIVE_BACKENDS = ("jax", "java")
+JAVA_MODELS = ("linear", "mlp")
+
+
+def native_backends(model: str) -> tuple[str, ...]:
+    """The artifact-free backends that can train ``model``."""
+    return ("jax", "java") if model in JAVA_MODELS else ("jax",)
 MANIFEST = "manifest.json"
 FILE_NAME_RE = re.compile(r"[a-z0-9_]{1,32}\.(tflite|mnn)")
 LAYOUT = {

@@ -153,8 +153,8 @@ class Engine:
         return found
 
     def served_backends(self, job: str) -> list[str]:
-        """Backends a device can train this job with: the reference runtime's, then those with artifacts."""
-        return [*artifact_spec.NATIVE_BACKENDS, *self.job_artifacts(job)]
+        """Backends a device can train this job with: the artifact-free ones, then those with artifacts."""
+        return [*artifact_spec.native_backends(self.model_def(job).name), *self.job_artifacts(job)]
 
     def frozen_bytes(self, job: str) -> bytes:
         """The job's frozen tensors as safetensors. Raises NoArtifact for a model without any."""
