@@ -143,6 +143,24 @@ class Overloaded(FedError):
     description = "The daemon is shedding load; retry after the Retry-After header's seconds."
 
 
+class RateLimited(FedError):
+    code = "rate_limited"
+    status = 429
+    description = "Too many requests of this kind (enrollments per token or per address); retry after Retry-After."
+
+
+class StorageFull(FedError):
+    code = "storage_full"
+    status = 507
+    description = "The daemon's disk is full; nothing was stored. Retry after Retry-After: space is reclaimed."
+
+
+class DeviceRevoked(FedError):
+    code = "device_revoked"
+    status = 403
+    description = "The operator revoked this device (fedscalectl revoke); it may not enroll again with its token."
+
+
 class ApiVersionMismatch(FedError):
     code = "api_version_mismatch"
     status = 400

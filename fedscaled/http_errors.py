@@ -51,14 +51,58 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "internal_error", "internal error; see the daemon log")
 
 
+# Bounds on untrusted JSON, checked while parsing: nesting (json's recursion would otherwise raise
+# RecursionError), integer length (int() of a 5,000-digit string raises, and huge ints poison arithmetic)
+# and strings that are not valid Unicode (a lone surrogate cannot be encoded again).
+MAX_JSON_DEPTH = 32
+MAX_INT_DIGITS = 24
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _parse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_tree(value: Any, depth: int = 0) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        value.encode("utf-8")  # raises UnicodeEncodeError on a lone surrogate
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            k.encode("utf-8")
+            _check_tree(v, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_tree(item, depth + 1)
+
+
+def loads_bounded(text: str | bytes) -> Any:
+    """``json.loads`` for untrusted input: ValueError (never RecursionError) past the bounds above."""
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text).decode("utf-8")
+    try:
+        value = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_tree(value)
+    return value
+
+
 async def json_object(request: web.Request, limit: int | None = None) -> dict[str, Any]:
     """The request body as a JSON object; BadRequest (or PayloadTooLarge past ``limit``) otherwise."""
     if limit is not None and request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"JSON bodies are limited to {limit} bytes")
+    raw = await request.read()
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        body = loads_bounded(raw)
+    except (ValueError, UnicodeError) as exc:  # JSONDecodeError is a ValueError
+        raise BadRequest(f"request body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body

@@ -32,6 +32,11 @@ class Metrics:
                                        "to the new model being downloadable", registry=self.registry,
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
+        self.store_free = Gauge("fedscaled_store_free_bytes", "Free bytes on the store's file system",
+                                registry=self.registry)
+        self.store_full = Gauge("fedscaled_store_full", "1 while store writes fail for lack of disk space",
+                                registry=self.registry)
+
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return bytes(generate_latest(self.registry))

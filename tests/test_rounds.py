@@ -87,13 +87,30 @@ def test_phase_opens_on_a_full_pool_or_after_the_window_with_a_quorum() -> None:
     assert not rounds.should_open(c, 4, 100.0, TRAIN)
 
 
-def test_test_results_are_sample_weighted_once() -> None:
+def test_test_results_are_sample_weighted_up_to_the_median() -> None:
     merged = rounds.merge_test_results([
         {"samples": 10, "correct_top1": 10, "correct_top5": 10, "loss_sum": 1.0},
+        {"samples": 20, "correct_top1": 0, "correct_top5": 10, "loss_sum": 20.0},
         {"samples": 90, "correct_top1": 0, "correct_top5": 45, "loss_sum": 90.0},
     ])
-    assert merged == {"top_1": 0.1, "top_5": 0.55, "loss": 0.91, "test_len": 100.0}
+    # Median 20: the 90-sample device counts as 20.
+    assert merged is not None
+    assert merged["test_len"] == 50.0
+    assert abs(merged["top_1"] - 10 / 50) < 1e-12
+    assert abs(merged["top_5"] - (10 + 10 + 10) / 50) < 1e-12
+    assert abs(merged["loss"] - (1.0 + 20.0 + 20.0) / 50) < 1e-12
     assert rounds.merge_test_results([]) is None
+
+
+def test_one_device_claiming_huge_counts_moves_the_metric_by_its_share_only() -> None:
+    honest = [{"samples": 50, "correct_top1": 49, "correct_top5": 50, "loss_sum": 5.0} for _ in range(3)]
+    liar = {"samples": 10**15, "correct_top1": 0, "correct_top5": 0, "loss_sum": 0.0, "max_samples": 10**15}
+    merged = rounds.merge_test_results([*honest, liar])
+    assert merged is not None
+    assert abs(merged["top_1"] - 0.98 * 3 / 4) < 1e-9  # one device of four: a quarter of the weight
+    # Its reported local data caps it too.
+    capped = rounds.merge_test_results([*honest, {**liar, "max_samples": 10}])
+    assert capped is not None and capped["test_len"] == 160.0
 
 
 def test_retry_window_respects_bounds() -> None:

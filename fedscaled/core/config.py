@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import reprlib
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,16 @@ CLUSTER_KEYS = (
 )
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Bounds on untrusted job files, checked before anything is built from them: a 500-byte file of nested
+# YAML aliases expands to gigabytes when walked (as printing a value for an error message would).
+MAX_JOB_FILE_BYTES = 256 * 1024
+MAX_YAML_ALIASES = 64
+MAX_INPUT_DIM = 4096
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 60
+_SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
 MODELS = ("linear", "mlp", "cnn", "mobilenetv3", "mobilenetv3_finetune")
 SAMPLE_MODES = ("random", "oort")
 GRADIENT_POLICIES = ("fed-avg", "fedavg", "yogi", "fed-yogi", "fed-prox", "prox", "q-fedavg", "qfedavg")
@@ -86,7 +97,8 @@ JOB_KEYS: dict[str, KeySpec] = {
                      "the latest model of a finished job. Required by mobilenetv3_finetune (its frozen feature "
                      "extractor); tensors it lacks start from the zoo's initialisation."),
     "input_shape": _k("shape", (28, 28, 1), "Input shape of one sample, e.g. `32 32 3` (height width channels)."),
-    "num_classes": _k("int", 35, "Number of output classes (FedScale's default is 35).", minimum=2),
+    "num_classes": _k("int", 35, "Number of output classes (FedScale's default is 35).", minimum=2,
+                      maximum=100_000),
     # --- rounds and participants
     "rounds": _k("int", 50, "Number of training rounds.", minimum=1),
     "num_participants": _k("int", 4, "Updates accepted per round (the round closes at this count).", minimum=1),
@@ -273,7 +285,10 @@ def nearest_key(key: str, known: list[str] | tuple[str, ...] | None = None) -> s
 
 
 def _describe(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+    """A short, bounded rendering of an untrusted value for an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return "an integer of over 30 digits"
+    return _SHORT.repr(value) if isinstance(value, str | list | tuple | dict) else _SHORT.repr(value).strip("'")
 
 
 def _convert(key: str, spec: KeySpec, raw: Any) -> Any:
@@ -288,7 +303,7 @@ def _convert(key: str, spec: KeySpec, raw: Any) -> Any:
         value = converters[spec.kind](raw)
     except (TypeError, ValueError) as exc:
         expected = {"int": "an integer", "float": "a number", "bool": "true or false",
-                    "shape": "positive integers separated by spaces (e.g. 32 32 3)",
+                    "shape": f"1 to 4 integers in [1, {MAX_INPUT_DIM}] separated by spaces (e.g. 32 32 3)",
                     "str": "a string", "choice": "a string"}[spec.kind]
         raise InvalidConfig(f"{key} must be {expected}, got {_describe(raw)}", key=key) from exc
     if spec.choices and value not in spec.choices:
@@ -370,8 +385,10 @@ def _as_shape(raw: Any) -> tuple[int, ...]:
         parts = list(raw)
     else:
         raise TypeError(type(raw).__name__)
+    if len(parts) > 4:
+        raise ValueError("bad shape")
     dims = tuple(_as_int(p) for p in parts)
-    if not dims or len(dims) > 4 or any(d <= 0 for d in dims):
+    if not dims or any(d <= 0 or d > MAX_INPUT_DIM for d in dims):
         raise ValueError("bad shape")
     return dims
 
@@ -388,16 +405,32 @@ def _job_conf_items(doc: Mapping[str, Any]) -> list[tuple[str, Any]]:
     items: list[tuple[str, Any]] = []
     for index, entry in enumerate(conf, start=1):
         if not isinstance(entry, Mapping) or len(entry) != 1:
-            raise InvalidConfig(f"job_conf entry {index} must be a single-key map like '- rounds: 20', got {entry!r}")
+            raise InvalidConfig(f"job_conf entry {index} must be a single-key map like '- rounds: 20', got "
+                                f"{_describe(entry)}")
         ((key, value),) = entry.items()
         items.append((str(key), value))
     return items
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents with more than MAX_YAML_ALIASES alias references."""
+
+    aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise InvalidConfig(f"the job file uses more than {MAX_YAML_ALIASES} YAML aliases (*name)")
+        return super().compose_node(parent, index)
+
+
 def parse_job_text(text: str) -> JobConfig:
     """Parse and validate a FedScale job file's text. Raises :class:`InvalidConfig`."""
+    if len(text) > MAX_JOB_FILE_BYTES:
+        raise InvalidConfig(f"the job file is {len(text)} characters; the limit is {MAX_JOB_FILE_BYTES}")
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

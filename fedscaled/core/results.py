@@ -11,6 +11,9 @@ from typing import Any
 
 from fedscaled.errors import InvalidMetadata
 
+# Counts above this are not phone-sized and would lose precision as floats: refused before arithmetic.
+MAX_COUNT = 2**53
+
 
 def _finite(meta: dict[str, str], name: str, required: bool, minimum: float | None = None) -> float | None:
     raw = meta.get(name)
@@ -34,12 +37,14 @@ def update_metadata(meta: dict[str, str]) -> dict[str, Any]:
     if raw is None:
         raise InvalidMetadata("upload metadata lacks 'samples'", field="samples")
     try:
+        if len(raw) > 20:
+            raise ValueError("too long")
         samples = int(raw)
     except ValueError:
         raise InvalidMetadata(f"upload metadata 'samples' must be an integer, got {raw[:40]!r}",
                               field="samples") from None
-    if samples < 1:
-        raise InvalidMetadata(f"upload metadata 'samples' must be >= 1, got {samples}", field="samples")
+    if not 1 <= samples <= MAX_COUNT:
+        raise InvalidMetadata(f"upload metadata 'samples' must be in [1, 2^53], got {samples}", field="samples")
     out: dict[str, Any] = {"samples": samples, "loss": _finite(meta, "loss", True)}
     for name in ("utility", "duration"):
         value = _finite(meta, name, False, 0.0)
@@ -55,8 +60,9 @@ def test_result(body: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("samples", "correct_top1", "correct_top5"):
         value = body.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InvalidMetadata(f"test result {name!r} must be a non-negative integer, got {value!r}", field=name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
+            shown = value if not isinstance(value, int) or abs(value) < 10**20 else "an integer of over 20 digits"
+            raise InvalidMetadata(f"test result {name!r} must be an integer in [0, 2^53], got {shown!r}", field=name)
         out[name] = value
     if out["samples"] < 1:
         raise InvalidMetadata("test result 'samples' must be >= 1", field="samples")
@@ -68,6 +74,8 @@ def test_result(body: Any) -> dict[str, Any]:
         value = body.get(name)
         if value is None and not required:
             continue
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_COUNT:
+            raise InvalidMetadata(f"test result {name!r} must be at most 2^53", field=name)
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise InvalidMetadata(f"test result {name!r} must be a finite number >= 0, got {value!r}", field=name)
         out[name] = float(value)

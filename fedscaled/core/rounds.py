@@ -198,13 +198,29 @@ def fedscale_test_line(round_number: int, wall_clock: float, results: dict[str, 
 
 
 def merge_test_results(results: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Sample-weighted test metrics over device results (counts and sums; no double division)."""
-    samples = sum(int(r["samples"]) for r in results)
-    if samples == 0:
+    """Test metrics over device results, each device weighted by its sample count within bounds.
+
+    A device's weight is its ``samples``, capped at ``max_samples`` (what it reported holding when it was
+    selected, when known) and then at the round's median weight. Devices with at most the median count are
+    weighted by their samples as in FedScale; larger ones count as the median, so that one device claiming
+    10^15 samples moves the round's metric by no more than one device's share. Rates are per-device rates
+    (correct / samples) averaged with those weights; ``test_len`` is the total weight.
+    """
+    capped = [float(min(int(r["samples"]), int(r.get("max_samples") or r["samples"]))) for r in results]
+    capped = [w for w in capped if w > 0]
+    if not capped:
         return None
-    return {
-        "top_1": sum(int(r["correct_top1"]) for r in results) / samples,
-        "top_5": sum(int(r["correct_top5"]) for r in results) / samples,
-        "loss": sum(float(r["loss_sum"]) for r in results) / samples,
-        "test_len": float(samples),
-    }
+    ordered = sorted(capped)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    total = top1 = top5 = loss = 0.0
+    for r in results:
+        samples = int(r["samples"])
+        if samples <= 0:
+            continue
+        weight = min(float(samples), float(int(r.get("max_samples") or samples)), median)
+        total += weight
+        top1 += weight * int(r["correct_top1"]) / samples
+        top5 += weight * int(r["correct_top5"]) / samples
+        loss += weight * float(r["loss_sum"]) / samples
+    return {"top_1": top1 / total, "top_5": top5 / total, "loss": loss / total, "test_len": total}

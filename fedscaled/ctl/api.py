@@ -68,11 +68,12 @@ async def stop_job(request: web.Request) -> web.Response:
 def _since(request: web.Request) -> int:
     raw = request.query.get("since", "0")
     try:
-        since = int(raw)
+        since = int(raw) if len(raw) <= 20 else -1
     except ValueError:
-        raise BadRequest(f"since must be a non-negative integer, got {raw!r}") from None
-    if since < 0:
-        raise BadRequest(f"since must be a non-negative integer, got {since}")
+        raise BadRequest(f"since must be a non-negative integer, got {raw[:40]!r}") from None
+    # Event sequence numbers are u64 keys: anything larger could not be looked up (and once failed mid-stream).
+    if not 0 <= since < 2**63:
+        raise BadRequest(f"since must be an integer in [0, 2^63), got {raw[:40]!r}")
     return since
 
 

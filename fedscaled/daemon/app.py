@@ -93,7 +93,8 @@ class Daemon:
         self.store = open_store(config.data_dir)
         registry = JobRegistry(self.store, JobLog(self.store))
         artifacts = ArtifactCatalog([config.artifact_path, PREBUILT_DIR])
-        self.engine = Engine(registry, max_pending_checkins=config.max_pending_checkins, artifacts=artifacts)
+        self.engine = Engine(registry, max_pending_checkins=config.max_pending_checkins, artifacts=artifacts,
+                             max_model_params=config.max_model_params)
         await self.engine.start()
 
         self._control_sock = unix_socket.bind(config.socket_path, config.socket_group)

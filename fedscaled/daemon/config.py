@@ -32,6 +32,7 @@ class DaemonConfig:
     log_level: str = "info"
     shutdown_timeout: float = 10.0
     max_pending_checkins: int = 20000
+    max_model_params: int = 50_000_000
     artifact_dir: Path | None = None
 
     @property
@@ -60,6 +61,7 @@ OPTIONS = {
     "log_level": "log_level",
     "shutdown_timeout": "shutdown_timeout",
     "max_pending_checkins": "max_pending_checkins",
+    "max_model_params": "max_model_params",
     "artifact_dir": "artifact_dir",
 }
 
@@ -102,11 +104,13 @@ def _apply(values: dict[str, Any], name: str, raw: Any, origin: str) -> None:
             values[name] = float(raw)
         except ValueError:
             raise InvalidConfig(f"shutdown_timeout must be a number, got {raw!r} ({origin})") from None
-    elif name == "max_pending_checkins":
+    elif name in ("max_pending_checkins", "max_model_params"):
         try:
             values[name] = int(raw)
         except ValueError:
-            raise InvalidConfig(f"max_pending_checkins must be an integer, got {raw!r} ({origin})") from None
+            raise InvalidConfig(f"{name} must be an integer, got {raw!r} ({origin})") from None
+        if values[name] < 1:
+            raise InvalidConfig(f"{name} must be positive, got {raw!r} ({origin})")
     else:
         values[name] = str(raw)
 

@@ -22,7 +22,9 @@ MAX_DEVICE_INFO = 4096
 
 def token_hash(token: str) -> bytes:
     """The stored form of a bearer token."""
-    return hashlib.sha256(token.encode()).digest()
+    # surrogatepass: a header that is not valid UTF-8 (aiohttp keeps it as lone surrogates) hashes to a
+    # token that matches nothing (401), instead of failing to encode (500).
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 class DeviceDirectory:

@@ -19,7 +19,7 @@ from fedscaled.core.rounds import DeviceStatus, Task
 from fedscaled.errors import InvalidConfig, JobNotActive, JobNotFound, NoArtifact, UnknownModelVersion
 from fedscaled.jobs.artifacts import Artifact, ArtifactCatalog
 from fedscaled.jobs.devices import DeviceDirectory
-from fedscaled.jobs.initial_model import FROZEN_KEY, initial_model, model_of
+from fedscaled.jobs.initial_model import DEFAULT_MAX_MODEL_PARAMS, FROZEN_KEY, initial_model, model_of
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
 from fedscaled.jobs.runner import JobRunner, accepted_answer
 from fedscaled.metrics import Metrics
@@ -36,8 +36,10 @@ class Engine:
     """Runs the active jobs of a registry and serves the device operations."""
 
     def __init__(self, registry: JobRegistry, *, max_pending_checkins: int = 20000,
-                 metrics: Metrics | None = None, artifacts: ArtifactCatalog | None = None) -> None:
+                 metrics: Metrics | None = None, artifacts: ArtifactCatalog | None = None,
+                 max_model_params: int = DEFAULT_MAX_MODEL_PARAMS) -> None:
         self.registry = registry
+        self.max_model_params = max_model_params
         self.artifacts = artifacts if artifacts is not None else ArtifactCatalog([PREBUILT_DIR])
         self.store = registry.store
         self.devices = DeviceDirectory(self.store)
@@ -81,7 +83,7 @@ class Engine:
             # synchronous rounds only: refusing beats silently running a different algorithm.
             raise InvalidConfig("asynchronous mode (aggregator_entry: ...async_aggregator.py) is not supported "
                                 "yet; remove aggregator_entry to run synchronous rounds", key="aggregator_entry")
-        initial = initial_model(config, self.store)
+        initial = initial_model(config, self.store, self.max_model_params)
         batch.put("models", key(config.name, 0), initial.model_bytes)
         if initial.frozen_bytes is not None:
             batch.put("models", key(config.name, FROZEN_KEY), initial.frozen_bytes)

@@ -26,6 +26,9 @@ JOB_PREFIX = "job:"
 # Largest pretrained file read at submit; far above any zoo model (MobileNetV3-Small at width 2 is ~15 MB).
 MAX_PRETRAINED_BYTES = 512 << 20
 FROZEN_KEY = "frozen"
+# Default of the daemon option max_model_params: 50 M float32 parameters (200 MB a version) is far above
+# any phone model and keeps one job from taking the daemon's memory and disk.
+DEFAULT_MAX_MODEL_PARAMS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,21 @@ def _pick(source: Mapping[str, np.ndarray], specs: tuple[TensorSpec, ...], fallb
     return chosen
 
 
-def initial_model(config: JobConfig, store: Store) -> InitialModel:
-    """The job's version-0 model and frozen tensors. Raises InvalidConfig (key model or pretrained)."""
+def initial_model(config: JobConfig, store: Store, max_params: int = DEFAULT_MAX_MODEL_PARAMS) -> InitialModel:
+    """The job's version-0 model and frozen tensors. Raises InvalidConfig (key model or pretrained).
+
+    The model's size is checked against ``max_params`` from its tensor shapes alone, before any weight
+    is allocated.
+    """
     try:
         model = model_of(config)
     except ValueError as exc:  # e.g. cnn with an input too small to pool twice
         raise InvalidConfig(f"model {config['model']}: {exc}", key="model") from None
+    size = model.num_params + model.num_frozen_params
+    if size > max_params:
+        raise InvalidConfig(f"model {model.name} for input {list(model.input_shape)} and {model.num_classes} classes "
+                            f"has {size:,} parameters, above this daemon's max_model_params ({max_params:,})",
+                            key="model")
     seed = int(config["sample_seed"])
     reference = str(config["pretrained"]).strip()
     if model.frozen_specs and not reference:

@@ -244,9 +244,11 @@ class JobRunner:
         return max(0.05, float(self.config["selection_window"]) - (now - oldest))
 
     def _phase_complete(self) -> bool:
+        """The phase has its target count, or every chosen device has answered (nobody left to wait for)."""
         assert self.phase is not None
         done = self.accepted if self.phase.kind == TRAIN else len(self.test_results)
-        return done >= self.phase.target and self.inflight == 0
+        everyone = bool(self.tasks) and all(task.done for task in self.tasks.values())
+        return (done >= self.phase.target or everyone) and self.inflight == 0
 
     # ------------------------------------------------------------------ opening a phase
     async def _open(self, plan: rounds.Plan, record: dict[str, Any], now: float) -> None:
@@ -508,6 +510,9 @@ class JobRunner:
     async def accept_result(self, task: Task, body: Any) -> dict[str, Any]:
         """Validate and persist a test task's result counts."""
         result = test_result(body)
+        if task.device_samples > 0:
+            # Weighted at close by at most what the device said it holds (and the round's median).
+            result["max_samples"] = task.device_samples
         self._check_open(task)
         await self._commit_done(task, result, WriteBatch())
         self.test_results.append(result)

@@ -11,7 +11,7 @@ import aiohttp
 import aiohttp.http_exceptions
 from aiohttp import web
 
-from fedscaled import __version__
+from fedscaled import __version__, faults
 from fedscaled.core import codec
 from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Task
 from fedscaled.errors import (
@@ -56,13 +56,20 @@ def _device(request: web.Request) -> tuple[str, str]:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the daemon answers."""
+    """Liveness: the daemon answers; 503 ``degraded`` while its disk is full (writes refused)."""
+    store = _engine(request).store
+    if store.full:
+        return web.json_response({"status": "degraded", "reason": "storage_full", "version": __version__,
+                                  "store_free_bytes": store.free_bytes()}, status=503)
     return web.json_response({"status": "ok", "version": __version__})
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition."""
-    return web.Response(body=_engine(request).metrics.render(), content_type="text/plain",
+    engine = _engine(request)
+    engine.metrics.store_free.set(engine.store.free_bytes())
+    engine.metrics.store_full.set(1 if engine.store.full else 0)
+    return web.Response(body=engine.metrics.render(), content_type="text/plain",
                         headers={"Cache-Control": "no-store"})
 
 
@@ -287,6 +294,7 @@ async def _upload(request: web.Request) -> web.Response:
         try:
             body = await read_body(request, limit, request.app[BODY_POOL_KEY], held)
             answer = await runner.accept_update(task, body)
+            faults.kill_if("kill_after_upload_commit")  # tests only: a crash between the commit and the answer
         except asyncio.CancelledError:
             held.clear()  # a queued fold may still read this body: never hand it to another upload
             raise

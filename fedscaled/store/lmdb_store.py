@@ -25,11 +25,14 @@ transactions must stay on one OS thread). ``MapFullError`` grows the map and ret
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import logging
 import os
 import queue
 import struct
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +40,13 @@ from typing import Any
 
 import lmdb
 
-from fedscaled.errors import StoreError
+from fedscaled import faults
+from fedscaled.errors import StorageFull, StoreError
+
+log = logging.getLogger("fedscaled.store")
+# A full disk is logged at most once per this many seconds (a fleet retrying would otherwise flood the log).
+FULL_LOG_INTERVAL = 60.0
+FULL_RETRY_AFTER = 30
 
 SCHEMA_VERSION = 1
 DATABASES = ("meta", "jobs", "events", "models", "devices", "tokens", "tasks", "updates", "sums")
@@ -122,6 +131,8 @@ class Store:
         self._writer = threading.Thread(target=self._write_loop, name="lmdb-writer", daemon=True)
         self._writer.start()
         self.commits = 0  # synced transactions so far (group commit folds many batches into one)
+        self.full_since: float | None = None  # monotonic time of the first write refused for a full disk
+        self._full_logged = -FULL_LOG_INTERVAL
         self._check_schema()
 
     # ----- lifecycle
@@ -203,13 +214,46 @@ class Store:
     def _apply_growing(self, batches: list[WriteBatch]) -> None:
         while True:
             try:
+                faults.fail_if_store_full()
                 self._apply(batches)
                 self.commits += 1
+                if self.full_since is not None:
+                    log.warning("store writes succeed again after %.0f s of a full disk",
+                                time.monotonic() - self.full_since)
+                    self.full_since = None
                 return
             except lmdb.MapFullError:
-                self._grow()
-            except lmdb.Error as exc:
+                try:
+                    self._grow()
+                except (lmdb.Error, OSError) as exc:
+                    self._disk_full(exc)
+                    raise StoreError(f"store could not grow: {exc}") from exc
+            except (lmdb.Error, OSError) as exc:
+                self._disk_full(exc)
                 raise StoreError(f"store write failed: {exc}") from exc
+
+    def _disk_full(self, exc: BaseException) -> None:
+        """Turn a full disk into StorageFull (507 + Retry-After), logged once per interval."""
+        if getattr(exc, "errno", None) != errno.ENOSPC and "No space left" not in str(exc):
+            return
+        now = time.monotonic()
+        if self.full_since is None:
+            self.full_since = now
+        if now - self._full_logged >= FULL_LOG_INTERVAL:
+            self._full_logged = now
+            log.error("store write failed: the disk of %s is full (%s); refusing writes with 507 until space "
+                      "returns", self.path, exc)
+        raise StorageFull("the daemon's disk is full; nothing was stored", retry_after=FULL_RETRY_AFTER) from None
+
+    @property
+    def full(self) -> bool:
+        """Whether the last write failed for lack of disk space."""
+        return self.full_since is not None
+
+    def free_bytes(self) -> int:
+        """Free space on the store's file system (for /healthz and /metrics)."""
+        stat = os.statvfs(self.path)
+        return int(stat.f_bavail * stat.f_frsize)
 
     def _apply(self, batches: list[WriteBatch]) -> None:
         with self._env.begin(write=True) as txn:
