@@ -64,10 +64,6 @@ def _parse_int(text: str) -> int:
     return int(text)
 
 
-def _parse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _check_tree(value: Any, depth: int = 0) -> None:
     if depth > MAX_JSON_DEPTH:
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
@@ -87,7 +83,8 @@ def loads_bounded(text: str | bytes) -> Any:
     if isinstance(text, bytes | bytearray):
         text = bytes(text).decode("utf-8")
     try:
-        value = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+        # NaN and Infinity parse (as Python does) and are refused by the field validators, which name the field.
+        value = json.loads(text, parse_int=_parse_int)
     except RecursionError:
         raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
     _check_tree(value)
