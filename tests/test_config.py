@@ -84,3 +84,53 @@ def test_vars_are_not_expanded() -> None:
 
 def test_every_key_has_a_doc() -> None:
     assert all(spec.doc for spec in JOB_KEYS.values())
+
+
+FEDSCALE_STYLE = """\
+use_container: True
+ports: 29500
+container_network: fedscale-network
+data_path: $FEDSCALE_HOME/benchmark
+num_aggregators: 1
+num_executors: 2
+auth:
+    ssh_user: ""
+setup_commands:
+    - source $HOME/anaconda3/bin/activate fedscale
+job_conf:
+    - job_name: femnist
+    - experiment_mode: deployment
+    - data_set: femnist
+    - model: {model}
+    - input_shape: 1 3 28 28
+    - use_cuda: True
+    - save_checkpoint: True
+    - model_retention: 3
+    - num_loaders: 4
+    - malicious_factor: 4
+"""
+
+
+def test_fedscale_launcher_keys_and_ignored_scalars_are_accepted() -> None:
+    config = parse_job_text(FEDSCALE_STYLE.format(model="mlp"))
+    assert config["num_classes"] == 62  # femnist, as FedScale's config_parser maps it
+    assert config["input_shape"] == (28, 28, 3)  # batch, channels, height, width
+    assert config["model_retention"] == 0  # save_checkpoint keeps every version
+    for key in ("use_container", "ports", "container_network", "num_aggregators", "use_cuda", "num_loaders"):
+        assert key in config.ignored
+    assert "save_checkpoint" not in config.ignored and "data_set" not in config.ignored
+
+
+def test_a_fedscale_file_is_refused_for_its_model_not_for_launcher_keys() -> None:
+    with pytest.raises(InvalidConfig) as info:
+        parse_job_text(FEDSCALE_STYLE.format(model="resnet18"))
+    assert "model must be one of" in info.value.message and "resnet18" in info.value.message
+    with pytest.raises(InvalidConfig) as info:
+        parse_job_text(FEDSCALE_STYLE.format(model="mlp").replace("deployment", "simulation"))
+    assert "simulator" in info.value.message
+
+
+def test_explicit_num_classes_wins_over_data_set() -> None:
+    text = FEDSCALE_STYLE.format(model="mlp").replace("    - data_set: femnist\n",
+                                                      "    - data_set: femnist\n    - num_classes: 10\n")
+    assert parse_job_text(text)["num_classes"] == 10

@@ -35,7 +35,18 @@ CLUSTER_KEYS = (
     "auth",
     "setup_commands",
     "worker_ips",
+    # FedScale's docker and Kubernetes launchers (benchmark/configs/{docker,k8s}_deploy)
+    "use_container",
+    "ports",
+    "container_network",
+    "data_path",
+    "num_aggregators",
+    "num_executors",
 )
+# FedScale's config_parser.py: a known data_set fixes the class count (``num_class``).
+DATASET_CLASSES = {"Mnist": 10, "cifar10": 10, "imagenet": 1000, "emnist": 47, "openImg": 596,
+                   "google_speech": 35, "femnist": 62, "yelp": 5}
+EXPERIMENT_MODES = ("mobile", "deployment", "simulation")
 
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Bounds on untrusted job files, checked before anything is built from them: a 500-byte file of nested
@@ -85,8 +96,8 @@ JOB_KEYS: dict[str, KeySpec] = {
     "job_name": _k("str", "demo_job", "Job name: letters, digits, '.', '_' and '-', at most 64 characters."),
     "log_path": _ignored("str", "./", "FedScale's log folder; the job log lives in the store (`fedscalectl logs`)."),
     "data_path": _ignored("str", "", "FedScale's data folder; devices hold their own data."),
-    "experiment_mode": _k("str", "mobile", "FedScale's mode; `mobile` (deployment) is the only one this daemon runs.",
-                          choices=("mobile", "simulation")),
+    "experiment_mode": _k("str", "mobile", "FedScale's mode: `mobile` or `deployment` (the same here: devices "
+                          "train); `simulation` is refused, this daemon runs no simulator.", choices=EXPERIMENT_MODES),
     "engine": _ignored("str", "pytorch", "FedScale's aggregation engine; aggregation here is always JAX."),
     # --- model
     "model": _k("choice", "linear", "Model from the zoo: linear, mlp, cnn, mobilenetv3 or mobilenetv3_finetune "
@@ -96,7 +107,8 @@ JOB_KEYS: dict[str, KeySpec] = {
     "pretrained": _k("str", "", "Initial weights: a safetensors file on the daemon's machine, or `job:NAME` for "
                      "the latest model of a finished job. Required by mobilenetv3_finetune (its frozen feature "
                      "extractor); tensors it lacks start from the zoo's initialisation."),
-    "input_shape": _k("shape", (28, 28, 1), "Input shape of one sample, e.g. `32 32 3` (height width channels)."),
+    "input_shape": _k("shape", (28, 28, 1), "Input shape of one sample, e.g. `32 32 3` (height width channels); "
+                      "FedScale's 4-D form `1 3 28 28` (batch channels height width) is read as `28 28 3`."),
     "num_classes": _k("int", 35, "Number of output classes (FedScale's default is 35).", minimum=2,
                       maximum=100_000),
     # --- rounds and participants
@@ -145,6 +157,9 @@ JOB_KEYS: dict[str, KeySpec] = {
     "weighting": _k("choice", "samples", "FedAvg weights: samples (by sample count) or uniform (FedScale's).",
                     choices=WEIGHTINGS),
     "model_retention": _k("int", 0, "Keep this many latest model versions (0: keep all).", minimum=0),
+    "save_checkpoint": _k("bool", False, "FedScale's checkpoint switch. Every model version is stored durably "
+                          "anyway (downloadable by version); true also keeps all of them, overriding "
+                          "model_retention."),
     # --- local training, sent to devices in the task config
     "learning_rate": _k("float", 5e-2, "Device learning rate.", minimum=0.0, exclusive_min=True),
     "min_learning_rate": _k("float", 5e-5, "Floor of the decayed learning rate.", minimum=0.0),
@@ -190,7 +205,9 @@ JOB_KEYS: dict[str, KeySpec] = {
     "executor_configs": _ignored("str", "127.0.0.1:[1]", "FedScale simulator executors."),
     "use_cuda": _ignored("str", "True", "FedScale's GPU switch."),
     "cuda_device": _ignored("str", "", "FedScale's GPU choice."),
-    "data_set": _ignored("str", "cifar10", "FedScale simulator dataset."),
+    "data_set": _k("str", "cifar10", "FedScale's data set name; a known one (Mnist, cifar10, imagenet, emnist, "
+                   "openImg, google_speech, femnist, yelp) sets num_classes when the file does not, as in FedScale. "
+                   "Devices hold their own data."),
     "data_dir": _ignored("str", "~/cifar10/", "FedScale simulator dataset folder."),
     "data_map_file": _ignored("str", "", "FedScale simulator client map."),
     "device_conf_file": _ignored("str", "/tmp/client.cfg", "FedScale simulator device profile."),
@@ -461,11 +478,25 @@ def parse_job_text(text: str) -> JobConfig:
         if key in seen:
             raise InvalidConfig(f"job_conf key {key!r} is given twice", key=key)
         seen.add(key)
-        parse.values[key] = _convert(key, spec, raw)
-        if not spec.used:
+        if spec.used:
+            parse.values[key] = _convert(key, spec, raw)
+        else:
+            # Ignored keys take any scalar (FedScale's files write `use_cuda: True` as well as "True").
+            if raw is not None and not isinstance(raw, str | int | float | bool):
+                raise InvalidConfig(f"{key} must be a single value, got {_describe(raw)}", key=key)
+            parse.values[key] = raw if raw is not None else spec.default
             parse.ignored.append(key)
     values = {key: spec.default for key, spec in JOB_KEYS.items()}
     values.update(parse.values)
+    data_set = str(values["data_set"])
+    if "num_classes" not in parse.values and "data_set" in parse.values and data_set in DATASET_CLASSES:
+        values["num_classes"] = DATASET_CLASSES[data_set]  # as FedScale's config_parser does
+    if values["save_checkpoint"]:
+        values["model_retention"] = 0
+    shape = tuple(values["input_shape"])
+    if len(shape) == 4:
+        # FedScale's 4-D form is (batch, channels, height, width), e.g. its default `1 3 28 28`.
+        values["input_shape"] = (shape[2], shape[3], shape[1])
     _check_cross_fields(values)
     if not values["enrollment_token"]:
         # Hex, so that a generated token never starts with "-" (a command line would take it for an option).
@@ -497,9 +528,9 @@ def _check_cross_fields(values: dict[str, Any]) -> None:
         if quorum < values["krum_f"] + 3:
             raise InvalidConfig(f"krum with krum_f {values['krum_f']} needs at least {values['krum_f'] + 3} updates "
                                 f"per round; raise min_participants (now {quorum})", key="krum_f")
-    if values["experiment_mode"] != "mobile":
-        raise InvalidConfig(f"experiment_mode must be mobile for the deployment daemon, got "
-                            f"{values['experiment_mode']!r}", key="experiment_mode")
+    if values["experiment_mode"] == "simulation":
+        raise InvalidConfig("experiment_mode simulation needs FedScale's simulator; this daemon trains on devices "
+                            "(use mobile or deployment)", key="experiment_mode")
     gp = values["gradient_policy"]
     if gp not in ("fed-avg", "fedavg"):
         raise InvalidConfig(f"gradient_policy {gp!r} is not supported yet; use fed-avg", key="gradient_policy")
