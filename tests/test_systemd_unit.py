@@ -66,3 +66,30 @@ def test_systemd_analyze_verify_is_silent(tmp_path: Path) -> None:
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
+
+
+def test_the_daemon_notifies_ready_and_pings_the_watchdog(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from tests.daemon_proc import DaemonProcess
+
+    assert "WatchdogSec" in unit_settings()
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(30)
+        env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}  # ping every 0.1 s
+        with DaemonProcess(tmp_path / "state", env=env):
+            messages: list[str] = []
+            deadline = time.monotonic() + 30
+            while messages.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
+                messages.append(sock.recv(4096).decode())
+        assert messages[0].startswith("READY=1")
+        assert messages.count("WATCHDOG=1") >= 3
+        # Not for this process (WATCHDOG_PID names another one): no pings.
+        from fedscaled.daemon.systemd import watchdog_interval
+
+        assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+        assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+        assert watchdog_interval({}) is None
