@@ -155,6 +155,18 @@ class StorageFull(FedError):
     description = "The daemon's disk is full; nothing was stored. Retry after Retry-After: space is reclaimed."
 
 
+class JobFull(FedError):
+    code = "job_full"
+    status = 409
+    description = "The job has its max_devices enrolled devices; it takes no more until the operator revokes some."
+
+
+class DeviceNotFound(FedError):
+    code = "device_not_found"
+    status = 404
+    description = "The job has no device with this id (fedscalectl revoke)."
+
+
 class DeviceRevoked(FedError):
     code = "device_revoked"
     status = 403

@@ -83,7 +83,7 @@ def test_digits_reach_85_percent_through_artifacts(daemon: DaemonProcess, tmp_pa
     accuracy = {m["round"]: m["test_accuracy"] for m in status["metrics"] if m["test_accuracy"] is not None}
     assert max(accuracy.values()) >= 0.85, accuracy
     logs = ctl(daemon.socket_path, "logs", job).stdout
-    assert re.search(r"Backends served: jax, tflite \(\d+ bytes, [0-9a-f]{12}\), mnn", logs)
+    assert re.search(r"Backends served: jax, java, tflite \(\d+ bytes, [0-9a-f]{12}\), mnn", logs)
 
 
 def test_artifacts_are_served_by_hash_and_named_in_tasks(daemon: DaemonProcess, tmp_path: Path) -> None:

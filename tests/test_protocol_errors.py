@@ -177,8 +177,10 @@ class Env:
             return self.lmdb.begin()
 
     def metrics(self) -> dict[MetricKey, float]:
-        # *_created samples are creation timestamps of label sets, not state.
-        return {k: v for k, v in parse_metrics(self.client.metrics_text()).items() if not k[0].endswith("_created")}
+        # *_created samples are creation timestamps of label sets, not state; free disk space moves with
+        # whatever else the machine writes.
+        return {k: v for k, v in parse_metrics(self.client.metrics_text()).items()
+                if not k[0].endswith("_created") and k[0] != "fedscaled_store_free_bytes"}
 
     def snapshot(self, job: str) -> Snapshot:
         return Snapshot(self.status(job), self.store_dump(job), self.metrics())

@@ -200,6 +200,18 @@ JOB_KEYS: dict[str, KeySpec] = {
     "clip_bound": _k("float", 0.9, "Oort: utility clipping percentile.", minimum=0.0, maximum=1.0),
     # --- enrollment
     "enrollment_token": _k("str", "", "Token devices present to enroll (generated at submit when empty)."),
+    "enroll_rate_per_token": _k("float", 10.0, "Enrollments per second with the job's token, from all addresses "
+                                "together (0: unlimited); beyond it 429 `rate_limited` with Retry-After.",
+                                minimum=0.0),
+    "enroll_burst_per_token": _k("int", 500, "Enrollments with the job's token allowed at once before "
+                                 "enroll_rate_per_token applies.", minimum=1),
+    "enroll_rate_per_address": _k("float", 1.0, "Enrollment attempts per second from one client address "
+                                  "(0: unlimited; set 0 behind a reverse proxy, where every device has the "
+                                  "proxy's address).", minimum=0.0),
+    "enroll_burst_per_address": _k("int", 200, "Enrollment attempts from one address allowed at once before "
+                                   "enroll_rate_per_address applies.", minimum=1),
+    "max_devices": _k("int", 0, "Most devices (enrolled and not revoked) the job takes (0: unlimited); beyond "
+                      "it enrollment answers 503 `overloaded`.", minimum=0),
     # --- FedScale simulator and cluster options: accepted for compatibility, no effect here
     "num_executors": _ignored("int", 1, "FedScale simulator executors."),
     "executor_configs": _ignored("str", "127.0.0.1:[1]", "FedScale simulator executors."),

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fedscaled import __version__
 from fedscaled.ctl.client import ControlClient
@@ -54,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
     logs.add_argument("--since", type=int, default=0, metavar="N", help="only lines after sequence number N")
     logs.add_argument("--json", action="store_true", help="print events as JSON lines")
+    devices = sub.add_parser("devices", parents=[common], help="list a job's devices and their state")
+    devices.add_argument("job", metavar="JOB")
+    devices.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    revoke = sub.add_parser("revoke", parents=[common],
+                            help="revoke a device: its token stops working and it leaves the selection pool")
+    revoke.add_argument("job", metavar="JOB")
+    revoke.add_argument("device", metavar="DEVICE")
+    rotate = sub.add_parser("rotate-token", parents=[common],
+                            help="give a job a new enrollment token (the old one stops enrolling devices)")
+    rotate.add_argument("job", metavar="JOB")
+    rotate.add_argument("--json", action="store_true", help="print the job's status as JSON")
     return parser
 
 
@@ -110,6 +122,20 @@ def _print_job(job: dict[str, Any]) -> None:
             print(f"{m['round']:<6} {m['participants']:<13} {loss:<11} {acc:<14} {tl}")
 
 
+def _when(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp is not None else "-"
+
+
+def _print_devices(devices: Sequence[dict[str, Any]]) -> None:
+    rows = [("DEVICE", "ENROLLED", "LAST SEEN", "TASKS DONE", "STATE")]
+    for device in devices:
+        rows.append((device["device_id"], _when(device["enrolled_at"]), _when(device["last_seen"]),
+                     str(device["tasks_done"]), device["state"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
 def _format_event(event: dict[str, Any]) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["ts"]))
     return f"{stamp} {event['level']} {event['message']}"
@@ -148,6 +174,20 @@ def run(args: argparse.Namespace) -> int:
         else:
             jobs = client.call("GET", "/v1/jobs")["jobs"]
             print(json.dumps(jobs, indent=2)) if args.json else _print_table(jobs)
+    elif args.command == "devices":
+        devices = client.call("GET", f"/v1/jobs/{args.job}/devices")["devices"]
+        print(json.dumps(devices, indent=2)) if args.json else _print_devices(devices)
+    elif args.command == "revoke":
+        answer = client.call("POST", f"/v1/jobs/{args.job}/devices/{quote(args.device, safe='')}/revoke")
+        already = " (it already was)" if answer["already_revoked"] else ""
+        print(f"device {answer['device_id']} of job {answer['job']} revoked{already}")
+    elif args.command == "rotate-token":
+        job = client.call("POST", f"/v1/jobs/{args.job}/rotate-token")
+        if args.json:
+            print(json.dumps(job, indent=2))
+        else:
+            print(f"new enrollment token of job {job['name']}: {job['enrollment_token']}")
+            print("the old token enrolls no more devices; devices already enrolled keep working")
     elif args.command == "logs":
         query = f"since={args.since}" + ("&follow=1" if args.follow else "")
         for event in client.stream(f"/v1/jobs/{args.job}/logs?{query}"):

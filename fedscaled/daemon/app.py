@@ -34,6 +34,16 @@ from fedscaled.jobs.engine import Engine
 from fedscaled.jobs.joblog import JobLog
 from fedscaled.jobs.registry import JobRegistry
 from fedscaled.server.app import build_device_app
+from fedscaled.server.connections import (
+    ACCEPT_ERRORS,
+    FD_RESERVE,
+    DeviceSite,
+    default_max_connections,
+    open_file_limit,
+    tls_context,
+)
+from fedscaled.server.deadlines import BodyTimeouts
+from fedscaled.server.quiet_log import PROTOCOL_LOG
 from fedscaled.store.lmdb_store import Store, open_store
 
 log = logging.getLogger("fedscaled")
@@ -51,6 +61,9 @@ class ListenFailed(FedError):
     description = "The daemon could not bind its device address (in use, or not allowed)."
 
 
+LINGERING_TIME = 10.0  # aiohttp's default
+
+
 class Daemon:
     """One running daemon. Build with a config, then ``await run()``."""
 
@@ -63,6 +76,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.device_port: int | None = None
         self._lock_file: IO[str] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._device_runner: web.AppRunner | None = None
         self._control_runner: web.AppRunner | None = None
         self._control_sock: socket.socket | None = None
@@ -88,6 +102,8 @@ class Daemon:
         """Open everything and begin serving."""
         started = self.launched_at if self.launched_at is not None else time.monotonic()
         config = self.config
+        # Checked first: a bad certificate or key stops the start (exit 2) before any state is touched.
+        tls = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_data_dir()
         self.store = open_store(config.data_dir)
@@ -98,27 +114,48 @@ class Daemon:
         await self.engine.start()
 
         self._control_sock = unix_socket.bind(config.socket_path, config.socket_group)
-        self._control_runner = web.AppRunner(build_control_app(registry), handle_signals=False,
+        self._control_runner = web.AppRunner(build_control_app(registry, self.engine), handle_signals=False,
                                              shutdown_timeout=config.shutdown_timeout, access_log=None)
         await self._control_runner.setup()
         await web.SockSite(self._control_runner, self._control_sock).start()
 
-        self._device_runner = web.AppRunner(build_device_app(self.engine), handle_signals=False,
-                                            shutdown_timeout=config.shutdown_timeout, access_log=None)
+        self._device_runner = web.AppRunner(
+            build_device_app(self.engine, BodyTimeouts(config.body_timeout, config.min_body_rate)),
+            handle_signals=False, shutdown_timeout=config.shutdown_timeout, access_log=None,
+            keepalive_timeout=config.keepalive_timeout, logger=PROTOCOL_LOG,
+            # After an answer given before the body was read (401, 413, a body that timed out), aiohttp reads
+            # and drops the rest for up to this long so that the client sees the answer, then closes.
+            lingering_time=min(LINGERING_TIME, config.body_timeout))
         await self._device_runner.setup()
-        site = web.TCPSite(self._device_runner, config.listen_host, config.listen_port, reuse_address=True)
+        site = DeviceSite(self._device_runner, config.listen_host, config.listen_port,
+                          max_connections=self._max_connections(), header_timeout=config.header_timeout,
+                          ssl_context=tls)
+        logging.getLogger("asyncio").addFilter(ACCEPT_ERRORS)
         try:
             await site.start()
         except OSError as exc:
             raise ListenFailed(f"cannot listen on {config.listen}: {exc.strerror}") from None
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.device_port = sockets[0].getsockname()[1] if sockets else config.listen_port
+        self.device_port = site.port
         self._write_run_info()
-        log.info("fedscaled %s ready in %.2fs: devices on http://%s:%d, control socket %s, data dir %s",
-                 __version__, time.monotonic() - started, config.listen_host, self.device_port,
-                 config.socket_path, config.data_dir)
+        log.info("fedscaled %s ready in %.2fs: devices on %s://%s:%d, control socket %s, data dir %s",
+                 __version__, time.monotonic() - started, "https" if tls else "http", config.listen_host,
+                 self.device_port, config.socket_path, config.data_dir)
         systemd.notify("READY=1\nSTATUS=serving")
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            self._watchdog = asyncio.get_running_loop().create_task(systemd.watchdog(interval), name="watchdog")
+
+    def _max_connections(self) -> int:
+        """The device site's connection cap (configured, or derived from the open-file limit)."""
+        config = self.config
+        if config.max_connections is None:
+            return default_max_connections(config.max_pending_checkins)
+        room = open_file_limit() - FD_RESERVE
+        if config.max_connections > room:
+            log.warning("max_connections %d is above the open-file limit %d less %d: the daemon may run out of "
+                        "file descriptors (raise LimitNOFILE / ulimit -n)", config.max_connections,
+                        open_file_limit(), FD_RESERVE)
+        return config.max_connections
 
     def _lock_data_dir(self) -> None:
         path = self.config.data_dir / "daemon.lock"
@@ -132,6 +169,7 @@ class Daemon:
 
     def _write_run_info(self) -> None:
         info = {"pid": os.getpid(), "host": self.config.listen_host, "port": self.device_port,
+                "scheme": "https" if self.config.tls_cert else "http",
                 "socket": str(self.config.socket_path), "version": __version__}
         path = self.config.data_dir / "run.json"
         tmp = path.with_suffix(".tmp")
@@ -141,6 +179,8 @@ class Daemon:
     async def shutdown(self) -> None:
         """Ordered shutdown; safe to call after a failed startup."""
         systemd.notify("STOPPING=1")
+        if self._watchdog is not None:
+            self._watchdog.cancel()  # keeps pinging until here: a long drain is not a hang
         began = time.monotonic()
         if self.engine is not None:
             self.engine.begin_shutdown()  # wakes held check-ins with "come back later"
@@ -157,6 +197,7 @@ class Daemon:
             (self.config.data_dir / "run.json").unlink()
         if self._lock_file is not None:
             self._lock_file.close()
+        logging.getLogger("asyncio").removeFilter(ACCEPT_ERRORS)
         if self.store is not None:
             log.info("fedscaled stopped cleanly in %.2fs", time.monotonic() - began)
 

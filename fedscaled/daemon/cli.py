@@ -17,8 +17,9 @@ fedscaled — federated-learning aggregation daemon.
 Devices (phones, the simulator) talk HTTP to --listen; operators use `fedscalectl` over the
 Unix control socket. Every option can also be set as an environment variable FEDSCALED_<NAME>
 (e.g. FEDSCALED_DATA_DIR) or in a YAML file given with --config (keys: data_dir, listen,
-control_socket, socket_group, log_level, shutdown_timeout, max_pending_checkins, artifact_dir). Precedence:
-flags > environment > config file > defaults.
+control_socket, socket_group, log_level, shutdown_timeout, max_pending_checkins, artifact_dir,
+header_timeout, keepalive_timeout, body_timeout, min_body_rate, max_connections, tls_cert, tls_key).
+Precedence: flags > environment > config file > defaults.
 """
 
 
@@ -50,6 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on-device artifacts (.tflite, .mnn) built with scripts/build-artifacts.sh for jobs "
                             "whose shapes the package does not ship; searched before the prebuilt ones "
                             "(default DATA_DIR/artifacts)")
+    net = start.add_argument_group("device connections (docs/config.md#daemon-configuration)")
+    net.add_argument("--header-timeout", type=float, metavar="SECONDS",
+                     help="a new connection must send a complete request head within this time (default 10)")
+    net.add_argument("--keepalive-timeout", type=float, metavar="SECONDS",
+                     help="close a connection that has no complete request this long after its previous "
+                          "answer (default 15)")
+    net.add_argument("--body-timeout", type=float, metavar="SECONDS",
+                     help="longest silence while a request body arrives (default 30)")
+    net.add_argument("--min-body-rate", type=int, metavar="BYTES_PER_S",
+                     help="a body of N bytes gets BODY_TIMEOUT + N / MIN_BODY_RATE seconds in all "
+                          "(default 16384)")
+    net.add_argument("--max-connections", type=int, metavar="N",
+                     help="open device connections at most; past it 503 overloaded (default: "
+                          "max_pending_checkins + 1024, at most the open-file limit - 128)")
+    net.add_argument("--tls-cert", metavar="FILE", help="serve devices HTTPS with this PEM certificate (chain)")
+    net.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
     return parser
 
 
@@ -67,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
     flags = {"data_dir": args.data_dir, "listen": args.listen, "control_socket": args.control_socket,
              "socket_group": args.socket_group, "log_level": args.log_level,
-             "shutdown_timeout": args.shutdown_timeout, "artifact_dir": args.artifact_dir}
+             "shutdown_timeout": args.shutdown_timeout, "artifact_dir": args.artifact_dir,
+             "header_timeout": args.header_timeout, "keepalive_timeout": args.keepalive_timeout,
+             "body_timeout": args.body_timeout, "min_body_rate": args.min_body_rate,
+             "max_connections": args.max_connections, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
     try:
         config = load_config({k: v for k, v in flags.items() if v is not None}, args.config)
     except InvalidConfig as exc:

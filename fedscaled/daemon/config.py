@@ -15,6 +15,7 @@ import yaml
 
 from fedscaled.ctl.protocol import default_data_dir, default_socket
 from fedscaled.errors import InvalidConfig
+from fedscaled.server.deadlines import DEFAULT_BODY_TIMEOUT, DEFAULT_MIN_BODY_RATE
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_PORT = 29500  # FedScale's port
@@ -34,6 +35,14 @@ class DaemonConfig:
     max_pending_checkins: int = 20000
     max_model_params: int = 50_000_000
     artifact_dir: Path | None = None
+    # The device site's connections and request bodies (docs/config.md; fedscaled/server/connections.py).
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 15.0
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    min_body_rate: int = DEFAULT_MIN_BODY_RATE
+    max_connections: int | None = None  # None: min(max_pending_checkins + 1024, open-file limit - 128)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -63,7 +72,15 @@ OPTIONS = {
     "max_pending_checkins": "max_pending_checkins",
     "max_model_params": "max_model_params",
     "artifact_dir": "artifact_dir",
+    "header_timeout": "header_timeout",
+    "keepalive_timeout": "keepalive_timeout",
+    "body_timeout": "body_timeout",
+    "min_body_rate": "min_body_rate",
+    "max_connections": "max_connections",
+    "tls_cert": "tls_cert",
+    "tls_key": "tls_key",
 }
+SECONDS_OPTIONS = ("header_timeout", "keepalive_timeout", "body_timeout")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -90,7 +107,7 @@ def _apply(values: dict[str, Any], name: str, raw: Any, origin: str) -> None:
         raise InvalidConfig(f"unknown daemon option {name!r} in {origin} (known: {known})")
     if raw is None:
         return
-    if name in ("data_dir", "control_socket", "artifact_dir"):
+    if name in ("data_dir", "control_socket", "artifact_dir", "tls_cert", "tls_key"):
         values[name] = Path(str(raw)).expanduser()
     elif name == "listen":
         values["listen_host"], values["listen_port"] = parse_listen(str(raw))
@@ -104,7 +121,14 @@ def _apply(values: dict[str, Any], name: str, raw: Any, origin: str) -> None:
             values[name] = float(raw)
         except ValueError:
             raise InvalidConfig(f"shutdown_timeout must be a number, got {raw!r} ({origin})") from None
-    elif name in ("max_pending_checkins", "max_model_params"):
+    elif name in SECONDS_OPTIONS:
+        try:
+            values[name] = float(raw)
+        except (TypeError, ValueError):
+            raise InvalidConfig(f"{name} must be a number of seconds, got {raw!r} ({origin})") from None
+        if not 0 < values[name] < float("inf"):
+            raise InvalidConfig(f"{name} must be positive, got {raw!r} ({origin})")
+    elif name in ("max_pending_checkins", "max_model_params", "min_body_rate", "max_connections"):
         try:
             values[name] = int(raw)
         except ValueError:
@@ -141,4 +165,6 @@ def load_config(flags: Mapping[str, Any], config_file: Path | None = None,
     data_dir = values.pop("data_dir", None) or default_data_dir()
     known = {f.name for f in fields(DaemonConfig)}
     config = DaemonConfig(data_dir=Path(data_dir), **{k: v for k, v in values.items() if k in known})
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise InvalidConfig("tls_cert and tls_key go together: give both (HTTPS) or neither (HTTP)")
     return replace(config, data_dir=config.data_dir.absolute())

@@ -37,6 +37,9 @@ def _positive_int(text: str) -> int:
 
 def _add_fleet_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", required=True, help="daemon base URL, e.g. http://127.0.0.1:29500")
+    p.add_argument("--ca-file", type=Path, metavar="PEM",
+                   help="for an https:// --server: trust the CA certificate(s) in this file (default: the "
+                        "system's CAs)")
     p.add_argument("--job", required=True, help="job name (the {job} of /v1/jobs/{job})")
     p.add_argument("--token", required=True,
                    help="the job's enrollment token (shown by 'fedscalectl status JOB --json')")
@@ -128,7 +131,7 @@ def _sim_config(args: argparse.Namespace, **extra: object) -> SimConfig:
         max_seconds=args.max_seconds, concurrency=args.concurrency,
         checkin_timeout=args.checkin_timeout, backoff_base=args.backoff_base,
         backoff_cap=args.backoff_cap, shared_cache=not args.per_device_cache,
-        credentials=args.credentials, backend=args.backend, **extra)  # type: ignore[arg-type]
+        credentials=args.credentials, backend=args.backend, ca_file=args.ca_file, **extra)  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,7 @@ class SimConfig:
     shared_cache: bool = True
     credentials: Path | None = None
     backend: str = "jax"  # jax | tflite | mnn | mixed (devices take tflite, mnn, jax in turn)
+    ca_file: Path | None = None  # trust these CA certificates (PEM) for an https:// server
 
 
 SIM_BACKENDS = ("jax", "tflite", "mnn", "mixed")
@@ -139,6 +141,17 @@ def _connector_limit(cfg: SimConfig) -> int:
     return cfg.concurrency if cfg.concurrency > 0 else max(1, cfg.devices)
 
 
+def make_connector(cfg: SimConfig) -> aiohttp.TCPConnector:
+    """The devices' connection pool; https:// servers are verified against ``ca_file`` or the system's CAs."""
+    tls: ssl.SSLContext | bool = True
+    if cfg.ca_file is not None:
+        try:
+            tls = ssl.create_default_context(cafile=str(cfg.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot use --ca-file {cfg.ca_file}: {exc}") from None
+    return aiohttp.TCPConnector(limit=_connector_limit(cfg), ssl=tls)
+
+
 def _load_credentials(path: Path | None) -> list[dict[str, str]]:
     if path is None or not path.exists():
         return []
@@ -205,7 +218,7 @@ async def simulate(cfg: SimConfig) -> SimSummary:
     started = time.monotonic()
     deadline = started + cfg.max_seconds
     stop = asyncio.Event()
-    connector = aiohttp.TCPConnector(limit=_connector_limit(cfg))
+    connector = make_connector(cfg)
     async with aiohttp.ClientSession(connector=connector) as session:
         clients = _make_clients(cfg, session, deadline, stop)
         await _prepare(cfg, clients)
@@ -244,7 +257,7 @@ async def fine_tune_fleet(cfg: FineTuneConfig) -> list[FineTuneResult]:
     sim = cfg.sim
     deadline = time.monotonic() + sim.max_seconds
     stop = asyncio.Event()
-    connector = aiohttp.TCPConnector(limit=_connector_limit(sim))
+    connector = make_connector(sim)
     async with aiohttp.ClientSession(connector=connector) as session:
         clients = _make_clients(sim, session, deadline, stop)
         await _prepare(sim, clients)

@@ -2,7 +2,9 @@
 
 A device enrolls in one job with that job's enrollment token and gets a device id and a bearer token.
 Only the token's SHA-256 is stored (``tokens`` maps hash → job and device id); a lookup table in memory
-saves a store read on every request.
+saves a store read on every request. The operator may revoke a device (``fedscalectl revoke``): its record
+gets ``revoked_at``, its token keeps its ``tokens`` entry so that its requests get 403 ``device_revoked``
+(not 401: the device learns it should stop, rather than enroll again).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import secrets
 import time
 from typing import Any
 
-from fedscaled.errors import BadRequest, Unauthorized
+from fedscaled.errors import BadRequest, DeviceNotFound, DeviceRevoked, Unauthorized
 from fedscaled.store.lmdb_store import SEP, Store, WriteBatch, key
 
 MAX_DEVICE_INFO = 4096
@@ -33,12 +35,24 @@ class DeviceDirectory:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._by_hash: dict[bytes, tuple[str, str]] = {}
+        # Devices of cached tokens that are revoked (a token not cached is checked against its record).
+        self._revoked: set[tuple[str, str]] = set()
+        # When each device last made an authenticated request (this daemon run only: not stored).
+        self.last_seen: dict[tuple[str, str], float] = {}
+        # Enrolled, not revoked devices per job, counted once from the store when first needed.
+        self._active: dict[str, int] = {}
+
+    @staticmethod
+    def check_enrollment_token(job: str, enrollment_token: str, presented: Any) -> None:
+        """Unauthorized unless ``presented`` is the job's enrollment token (compared in constant time)."""
+        if not isinstance(presented, str) or not hmac.compare_digest(
+                presented.encode("utf-8", "surrogatepass"), enrollment_token.encode()):
+            raise Unauthorized("wrong enrollment token for this job", job=job)
 
     def enroll_batch(self, job: str, enrollment_token: str, presented: Any, device_info: Any
                      ) -> tuple[WriteBatch, str, str]:
         """Check the enrollment token and prepare a new device's records; returns (batch, id, token)."""
-        if not isinstance(presented, str) or not hmac.compare_digest(presented.encode(), enrollment_token.encode()):
-            raise Unauthorized("wrong enrollment token for this job", job=job)
+        self.check_enrollment_token(job, enrollment_token, presented)
         info = device_info if device_info is not None else {}
         if not isinstance(info, dict) or len(json.dumps(info)) > MAX_DEVICE_INFO:
             raise BadRequest(f"device_info must be a JSON object of at most {MAX_DEVICE_INFO} bytes")
@@ -57,6 +71,8 @@ class DeviceDirectory:
             if db == "tokens" and value is not None:
                 job, _, device = bytes(value).partition(SEP)
                 self._by_hash[k] = (job.decode(), device.decode())
+                if job.decode() in self._active:
+                    self._active[job.decode()] += 1
 
     def authenticate(self, job: str, authorization: str | None) -> str:
         """The device id behind an ``Authorization: Bearer`` header for ``job``; else Unauthorized."""
@@ -71,11 +87,65 @@ class DeviceDirectory:
                 raise Unauthorized("unknown device token")
             job_b, _, device_b = raw.partition(SEP)
             found = (job_b.decode(), device_b.decode())
+            record = self.store.get_json("devices", key(*found))
+            if record is not None and record.get("revoked_at") is not None:
+                self._revoked.add(found)
             self._by_hash[digest] = found
         if found[0] != job:
             raise Unauthorized("this device token belongs to another job")
+        if found in self._revoked:
+            raise DeviceRevoked(f"device {found[1]} was revoked by the operator of job {job}", job=job,
+                                device_id=found[1])
+        self.last_seen[found] = time.time()
         return found[1]
+
+    def is_revoked(self, job: str, device_id: str) -> bool:
+        """Whether the device was revoked (as known to this directory's authentications and revocations)."""
+        return (job, device_id) in self._revoked
+
+    def check_active(self, job: str, device_id: str) -> None:
+        """DeviceRevoked if the device was revoked since its request was authenticated."""
+        if (job, device_id) in self._revoked:
+            raise DeviceRevoked(f"device {device_id} was revoked by the operator of job {job}", job=job,
+                                device_id=device_id)
+
+    def record(self, job: str, device_id: str) -> dict[str, Any] | None:
+        """The stored record of a device, or None."""
+        found: dict[str, Any] | None = self.store.get_json("devices", key(job, device_id))
+        return found
+
+    def records(self, job: str) -> list[dict[str, Any]]:
+        """Every device record of ``job``, by device id."""
+        return [json.loads(raw) for _, raw in self.store.scan("devices", key(job) + SEP)]
+
+    def active_count(self, job: str) -> int:
+        """Devices of ``job`` enrolled and not revoked (counted from the store once, then kept)."""
+        count = self._active.get(job)
+        if count is None:
+            count = self._active[job] = sum(1 for r in self.records(job) if r.get("revoked_at") is None)
+        return count
+
+    def revoke_batch(self, job: str, device_id: str, by: dict[str, Any]) -> WriteBatch | None:
+        """The batch that marks a device revoked (None: it already is). BadRequest for an unknown device."""
+        record = self.record(job, device_id)
+        if record is None:
+            raise DeviceNotFound(f"job {job} has no device {device_id[:64]!r}", job=job, device_id=device_id[:64])
+        if record.get("revoked_at") is not None:
+            self._revoked.add((job, device_id))  # known from the store; it was never counted as active
+            return None
+        record = {**record, "revoked_at": time.time(), "revoked_by": by}
+        return WriteBatch().put_json("devices", key(job, device_id), record)
+
+    def revoked(self, job: str, device_id: str) -> None:
+        """Note a committed revocation: the device's token now answers 403."""
+        if (job, device_id) not in self._revoked:
+            self._revoked.add((job, device_id))
+            if job in self._active:
+                self._active[job] -= 1
 
     def forget_job(self, job: str) -> None:
         """Drop cached tokens of a replaced job."""
         self._by_hash = {h: v for h, v in self._by_hash.items() if v[0] != job}
+        self._revoked = {d for d in self._revoked if d[0] != job}
+        self.last_seen = {d: t for d, t in self.last_seen.items() if d[0] != job}
+        self._active.pop(job, None)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import time
 from typing import Any
 
 from fedscaled.artifacts import PREBUILT_DIR
@@ -16,14 +18,24 @@ from fedscaled.core import artifact_spec
 from fedscaled.core.config import JobConfig
 from fedscaled.core.models import ModelDef
 from fedscaled.core.rounds import DeviceStatus, Task
-from fedscaled.errors import InvalidConfig, JobNotActive, JobNotFound, NoArtifact, UnknownModelVersion
+from fedscaled.errors import (
+    DeviceRevoked,
+    FedError,
+    InvalidConfig,
+    JobFull,
+    JobNotActive,
+    JobNotFound,
+    NoArtifact,
+    UnknownModelVersion,
+)
 from fedscaled.jobs.artifacts import Artifact, ArtifactCatalog
 from fedscaled.jobs.devices import DeviceDirectory
+from fedscaled.jobs.enroll_gate import EnrollGate, EnrollLimits
 from fedscaled.jobs.initial_model import DEFAULT_MAX_MODEL_PARAMS, FROZEN_KEY, initial_model, model_of
-from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
+from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry, caller_text
 from fedscaled.jobs.runner import JobRunner, accepted_answer
 from fedscaled.metrics import Metrics
-from fedscaled.store.lmdb_store import WriteBatch, key
+from fedscaled.store.lmdb_store import SEP, WriteBatch, key
 
 log = logging.getLogger("fedscaled.engine")
 
@@ -43,6 +55,7 @@ class Engine:
         self.artifacts = artifacts if artifacts is not None else ArtifactCatalog([PREBUILT_DIR])
         self.store = registry.store
         self.devices = DeviceDirectory(self.store)
+        self.enroll_gate = EnrollGate()
         self.metrics = metrics or Metrics()
         self.runners: dict[str, JobRunner] = {}
         self.shutting_down = False
@@ -94,7 +107,8 @@ class Engine:
         found = self.artifacts.for_key(artifact_key)
         served = ", ".join(f"{b} ({a.total_bytes} bytes, {a.sha256[:12]})" for b, a in found.items())
         missing = [b for b in artifact_spec.BACKENDS if b not in found]
-        self.registry.log.add(batch, config.name, f"Backends served: jax{', ' + served if served else ''}")
+        native = ", ".join(artifact_spec.native_backends(str(config["model"])))
+        self.registry.log.add(batch, config.name, f"Backends served: {native}{', ' + served if served else ''}")
         if missing:
             self.registry.log.add(
                 batch, config.name,
@@ -104,6 +118,7 @@ class Engine:
 
     def _state_changed(self, name: str, record: dict[str, Any]) -> None:
         runner = self.runners.get(name)
+        self.enroll_gate.forget(name)
         if record["state"] in ACTIVE_STATES:
             if runner is not None:  # replaced job: drop the old runner's state
                 self._retire(runner)
@@ -191,25 +206,93 @@ class Engine:
         return self.model_def(job).num_params * 4 + HEADER_ALLOWANCE
 
     # ------------------------------------------------------------------ device operations
-    async def enroll(self, job: str, enrollment_token: Any, device_info: Any) -> dict[str, Any]:
-        """Enroll a device in an active job."""
+    async def enroll(self, job: str, enrollment_token: Any, device_info: Any, address: str = "") -> dict[str, Any]:
+        """Enroll a device in an active job, within the job's rate limits and ``max_devices``.
+
+        Checks in order: the address's bucket, the token and body, the job token's bucket, the cap; only an
+        enrollment that passes them all spends from both buckets (a wrong token spends the address's).
+        """
         record = self.registry.get(job)
         if record["state"] not in ACTIVE_STATES:
             raise JobNotActive(f"job {job} is {record['state']}; it takes no new devices", job=job,
                                state=record["state"])
-        batch, device_id, token = self.devices.enroll_batch(job, record["enrollment_token"], enrollment_token,
-                                                            device_info)
-        await self.store.commit(batch)
+        runner = self.runners.get(job)
+        limits = EnrollLimits.of(runner.config if runner is not None else self.registry.config(job))
+        gate = self.enroll_gate
+        now = time.monotonic()
+        gate.check_address(job, limits, address, now)
+        try:
+            batch, device_id, token = self.devices.enroll_batch(job, record["enrollment_token"], enrollment_token,
+                                                                device_info)
+        except FedError:
+            gate.spend_address(job, limits, address, now)
+            raise
+        gate.check_token(job, limits, now)
+        if limits.max_devices > 0:
+            enrolled = self.devices.active_count(job) + gate.pending.get(job, 0)
+            if enrolled >= limits.max_devices:
+                raise JobFull(f"job {job} has its max_devices of {limits.max_devices} devices; it takes no "
+                              f"more until the operator revokes some or raises the limit",
+                              max_devices=limits.max_devices, job=job)
+        gate.spend_address(job, limits, address, now)
+        gate.spend_token(job, limits, now)
+        gate.pending[job] = gate.pending.get(job, 0) + 1
+        try:
+            await self.store.commit(batch)
+        finally:
+            gate.pending[job] -= 1
+            if not gate.pending[job]:
+                del gate.pending[job]
         self.devices.committed(batch)
         return {"device_id": device_id, "token": token, "job": job}
 
     def authenticate(self, job: str, authorization: str | None) -> str:
-        """The device id of a bearer token of ``job``."""
+        """The device id of a bearer token of ``job``; 403 ``device_revoked`` for a revoked device."""
         self.registry.get(job)  # unknown job: 404 before 401
         return self.devices.authenticate(job, authorization)
 
+    # ------------------------------------------------------------------ operator actions on devices
+    async def revoke(self, job: str, device_id: str, caller: dict[str, Any]) -> dict[str, Any]:
+        """Revoke a device durably: its token answers 403 from now on and it leaves the selection pool."""
+        self.registry.get(job)
+        batch = self.devices.revoke_batch(job, device_id, caller)
+        if batch is None:
+            return {"job": job, "device_id": device_id, "revoked": True, "already_revoked": True}
+        self.registry.log.add(batch, job, f"Device {device_id} revoked by {caller_text(caller)}", level="WARNING",
+                              device_id=device_id, **caller)
+        await self.store.commit(batch)
+        self.registry.log.notify(job)
+        self.devices.revoked(job, device_id)
+        runner = self.runners.get(job)
+        if runner is not None:
+            runner.drop_device(device_id, DeviceRevoked(f"device {device_id} was revoked by the operator of job "
+                                                        f"{job}", job=job, device_id=device_id))
+        log.info("job %s: device %s revoked by %s", job, device_id, caller_text(caller))
+        return {"job": job, "device_id": device_id, "revoked": True, "already_revoked": False}
+
+    def device_list(self, job: str) -> list[dict[str, Any]]:
+        """Every device of ``job``: id, enrolled at, last seen (this daemon run), tasks done, state."""
+        self.registry.get(job)
+        done: dict[str, int] = {}
+        for _, raw in self.store.scan("tasks", key(job) + SEP):
+            task = json.loads(raw)
+            if task.get("done"):
+                done[task["device_id"]] = done.get(task["device_id"], 0) + 1
+        devices = []
+        for record in self.devices.records(job):
+            device_id = record["device_id"]
+            devices.append({"device_id": device_id, "enrolled_at": record["enrolled_at"],
+                            "last_seen": self.devices.last_seen.get((job, device_id)),
+                            "tasks_done": done.get(device_id, 0),
+                            "state": "revoked" if record.get("revoked_at") is not None else "active",
+                            "revoked_at": record.get("revoked_at")})
+        devices.sort(key=lambda d: (d["enrolled_at"], d["device_id"]))
+        return devices
+
     async def checkin(self, job: str, device_id: str, status: DeviceStatus) -> dict[str, Any]:
         """A device's check-in; ended jobs answer 'done'."""
+        # Revoked while its body was being read: it must not enter the selection pool.
+        self.devices.check_active(job, device_id)
         runner = self.runners.get(job)
         backend = self._backend_for(job, status)
         if runner is None:

@@ -8,8 +8,9 @@ through this registry.
 from __future__ import annotations
 
 import json
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedscaled.core.config import JobConfig, parse_job_text
@@ -22,6 +23,13 @@ ENDED_STATES = ("finished", "stopped", "failed")
 
 # Per-job databases whose keys start with ``job\0``: wiped when a job is replaced.
 JOB_SCOPED_DBS = ("events", "models", "devices", "tasks", "updates", "sums")
+
+
+def caller_text(caller: Mapping[str, Any] | None) -> str:
+    """Who asked, from the control socket's peer credentials: ``uid 1000, pid 4242``."""
+    if not caller or "uid" not in caller:
+        return "an unknown caller"
+    return f"uid {caller['uid']}, pid {caller.get('pid', '?')}"
 
 
 class JobRegistry:
@@ -58,8 +66,12 @@ class JobRegistry:
         return JobConfig.from_record(self.get(name)["config"])
 
     # ----- changes
-    async def submit(self, text: str, *, replace: bool = False, source: str = "") -> dict[str, Any]:
-        """Validate a job file and store the job as ``pending``. Raises InvalidConfig, JobExists."""
+    async def submit(self, text: str, *, replace: bool = False, source: str = "",
+                     caller: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Validate a job file and store the job as ``pending``. Raises InvalidConfig, JobExists.
+
+        ``caller`` (the operator's uid and pid) is named in the job's log.
+        """
         config = parse_job_text(text)
         existing = self._records.get(config.name) or self.store.get_json("jobs", key(config.name))
         batch = WriteBatch()
@@ -99,9 +111,10 @@ class JobRegistry:
         }
         batch.put_json("jobs", key(config.name), record)
         where = f" from {source}" if source else ""
+        where += f" by {caller_text(caller)}" if caller is not None else ""
         self.log.add(batch, config.name, f"Job {config.name} submitted{where}: model {config['model']}, "
                      f"{config['rounds']} rounds, {config['num_participants']} participants per round, "
-                     f"mode {config.mode}")
+                     f"mode {config.mode}", **(caller or {}))
         if config.ignored:
             self.log.add(batch, config.name, "Ignored keys (FedScale launcher or simulator settings): "
                          + ", ".join(config.ignored), level="WARNING")
@@ -144,7 +157,8 @@ class JobRegistry:
         self.log.notify(name)
         return record
 
-    async def end(self, name: str, state: str, reason: str, level: str = "INFO") -> dict[str, Any]:
+    async def end(self, name: str, state: str, reason: str, level: str = "INFO",
+                  event_fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Move an active job to an ended state."""
         record = self.get(name)
         if record["state"] not in ACTIVE_STATES:
@@ -153,7 +167,7 @@ class JobRegistry:
         batch = (WriteBatch().delete_prefix("updates", key(name) + SEP).delete_prefix("sums", key(name) + SEP))
         record = await self.update(name, {"state": state, "reason": reason, "ended_at": time.time(), "phase": None},
                                    f"Job {name} {state}: {reason}", level=level, batch=batch,
-                                   event_fields={"state": state})
+                                   event_fields={"state": state, **(event_fields or {})})
         self._changed(name, record)
         return record
 
@@ -161,9 +175,21 @@ class JobRegistry:
         for listener in self.on_state_change:
             listener(name, record)
 
-    async def stop(self, name: str) -> dict[str, Any]:
-        """Stop an active job (operator request)."""
-        return await self.end(name, "stopped", "stopped by the operator")
+    async def stop(self, name: str, caller: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Stop an active job (operator request; ``caller`` is named in the job's log)."""
+        by = f" ({caller_text(caller)})" if caller is not None else ""
+        return await self.end(name, "stopped", f"stopped by the operator{by}", event_fields=caller)
+
+    async def rotate_token(self, name: str, caller: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Give the job a new random enrollment token: the old one enrolls no more devices, devices already
+        enrolled keep their own tokens. Durable and logged (without the token) in one commit."""
+        record = self.get(name)
+        token = secrets.token_hex(20)  # as generated at submit
+        # The token also sits in the stored config values (status --json shows them): keep both the same.
+        config = {**record["config"], "values": {**record["config"]["values"], "enrollment_token": token}}
+        return await self.update(name, {"enrollment_token": token, "config": config},
+                                 f"Enrollment token rotated by {caller_text(caller)}: the old token enrolls no "
+                                 f"more devices", level="WARNING", event_fields=dict(caller or {}))
 
     def events(self, name: str, since: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         """The job's log events after ``since``."""

@@ -95,7 +95,6 @@ class JobRunner:
         # stored task records at start.
         self.device_stats: dict[str, DeviceStats] = {}
         self.accepted = 0
-        self.inflight = 0
         self.committing = 0  # results whose durable commit is under way (robust and test paths)
         self.sealed = False  # the open phase takes no more results (it is closing)
         self.receiving: dict[str, asyncio.Future[None]] = {}  # task id -> resolves when its upload is handled
@@ -152,6 +151,16 @@ class JobRunner:
             if not waiter.answer.done():
                 waiter.answer.set_result({"action": "wait", "reason": reason, "retry_after": window})
         self._clear_pool()
+
+    def drop_device(self, device_id: str, error: Exception) -> None:
+        """Take a device out of the selection pool (it was revoked); its held check-in gets ``error``."""
+        waiter = self.pool.pop(device_id, None)
+        if waiter is None:
+            return
+        self._pool_budget[0] += 1
+        self.metrics.pool.labels(self.name).set(len(self.pool))
+        if not waiter.answer.done():
+            waiter.answer.set_exception(error)
 
     def _clear_pool(self) -> None:
         self._pool_budget[0] += len(self.pool)
@@ -429,13 +438,18 @@ class JobRunner:
         if done + self.inflight >= self.phase.target:
             # Results still arriving would fill the round, but one of them may yet be refused: not a final no.
             raise Overloaded(f"round {task.round} has enough results in flight; retry shortly", retry_after=2)
-        self.inflight += 1
         self.receiving[task_id] = asyncio.get_running_loop().create_future()
         return task, None
 
+    @property
+    def inflight(self) -> int:
+        """Results of the open phase being received now. Counted from ``receiving`` and the open phase's
+        tasks, not kept as a counter: a result of an earlier phase still arriving takes no slot of this
+        one, and every phase starts with none."""
+        return sum(1 for task_id in self.receiving if task_id in self.tasks)
+
     def release(self, task_id: str) -> None:
         """Give back a slot taken by :meth:`reserve` (after the result was accepted or refused)."""
-        self.inflight -= 1
         busy = self.receiving.pop(task_id, None)
         if busy is not None and not busy.done():
             busy.set_result(None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -27,10 +28,12 @@ from fedscaled.http_errors import Handler, error_middleware, json_object
 from fedscaled.jobs.engine import Engine
 from fedscaled.jobs.runner import JobRunner, TaskBusy
 from fedscaled.server.body_pool import BodyPool, Raw
+from fedscaled.server.deadlines import BodyTimeouts, body_deadline
 from fedscaled.server.openapi import openapi_document
 
 ENGINE_KEY = web.AppKey("engine", Engine)
 BODY_POOL_KEY = web.AppKey("body_pool", BodyPool)
+BODY_TIMEOUTS_KEY = web.AppKey("body_timeouts", BodyTimeouts)
 MAX_JSON_BODY = 64 * 1024
 VERSION_RE = re.compile(r"[0-9]{1,40}")  # ASCII digits only (str.isdigit() also takes '²' and '٣')
 MAX_VERSION = 2**63 - 1
@@ -41,7 +44,9 @@ def _engine(request: web.Request) -> Engine:
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
-    return await json_object(request, MAX_JSON_BODY)
+    size = min(request.content_length or MAX_JSON_BODY, MAX_JSON_BODY)
+    async with body_deadline(request.app[BODY_TIMEOUTS_KEY], size, BadRequest, lambda: request.content.total_bytes):
+        return await json_object(request, MAX_JSON_BODY)
 
 
 def _job_label(request: web.Request) -> str:
@@ -82,7 +87,7 @@ async def enroll(request: web.Request) -> web.Response:
     """Register a device with the job's enrollment token."""
     body = await _json(request)
     answer = await _engine(request).enroll(request.match_info["job"], body.get("enrollment_token"),
-                                           body.get("device_info"))
+                                           body.get("device_info"), address=request.remote or "")
     return web.json_response(answer, status=201)
 
 
@@ -205,16 +210,25 @@ async def reserve(engine: Engine, job: str, device_id: str, task_id: str, kind: 
     raise Overloaded("an upload for this task is still being received; retry later", retry_after=5)
 
 
-async def read_body(request: web.Request, limit: int, pool: BodyPool, held: list[Raw]) -> memoryview:
+async def read_body(request: web.Request, limit: int, pool: BodyPool, held: list[Raw],
+                    timeouts: BodyTimeouts | None = None) -> memoryview:
     """Stream the request body into one buffer from ``pool`` (no chunk list, no join).
 
     The raw buffer is appended to ``held``; the caller releases it when the body is no longer used.
+    A body that stalls or trickles is refused (``InvalidTensor``) within the bounds of ``timeouts``.
     """
     length = request.content_length
-    if length is None:
-        return await _read_chunked(request, limit)
-    if length > limit:
+    if length is not None and length > limit:
         raise PayloadTooLarge(f"body of {length} bytes exceeds this job's limit of {limit}", limit=limit)
+    async with body_deadline(timeouts or BodyTimeouts(), limit if length is None else length, InvalidTensor,
+                             lambda: request.content.total_bytes) as progress:
+        if length is None:
+            return await _read_chunked(request, limit, progress)
+        return await _read_sized(request, length, pool, held, progress)
+
+
+async def _read_sized(request: web.Request, length: int, pool: BodyPool, held: list[Raw],
+                      progress: Callable[[], None]) -> memoryview:
     # Read the 8-byte header length first, then place the body so that its data section starts 64-byte
     # aligned: the codec can then use the tensors where they lie instead of copying them.
     try:
@@ -233,6 +247,7 @@ async def read_body(request: web.Request, limit: int, pool: BodyPool, held: list
         chunk = await _next_chunk(request)
         if not chunk:
             break
+        progress()
         end = position + len(chunk)
         if end > length:
             raise BadRequest("body is longer than its Content-Length")
@@ -243,13 +258,14 @@ async def read_body(request: web.Request, limit: int, pool: BodyPool, held: list
     return view
 
 
-async def _read_chunked(request: web.Request, limit: int) -> memoryview:
+async def _read_chunked(request: web.Request, limit: int, progress: Callable[[], None]) -> memoryview:
     """A body of unknown length (chunked transfer): grow a buffer, refusing past ``limit``."""
     buffer = bytearray()
     while True:
         chunk = await _next_chunk(request)
         if not chunk:
             return memoryview(buffer)
+        progress()
         if len(buffer) + len(chunk) > limit:
             raise PayloadTooLarge(f"body exceeds this job's limit of {limit} bytes", limit=limit)
         buffer += chunk
@@ -292,7 +308,8 @@ async def _upload(request: web.Request) -> web.Response:
         began = time.perf_counter()
         held: list[Raw] = []
         try:
-            body = await read_body(request, limit, request.app[BODY_POOL_KEY], held)
+            body = await read_body(request, limit, request.app[BODY_POOL_KEY], held, request.app[BODY_TIMEOUTS_KEY])
+            engine.devices.check_active(job, device_id)  # revoked while its body was arriving: not counted
             answer = await runner.accept_update(task, body)
             faults.kill_if("kill_after_upload_commit")  # tests only: a crash between the commit and the answer
         except asyncio.CancelledError:
@@ -327,12 +344,13 @@ async def _result(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-def build_device_app(engine: Engine) -> web.Application:
-    """The aiohttp application for devices."""
+def build_device_app(engine: Engine, body_timeouts: BodyTimeouts | None = None) -> web.Application:
+    """The aiohttp application for devices; ``body_timeouts`` bound how long a request body may take."""
     # Uploads are streamed by read_body with a per-job limit; client_max_size bounds everything else.
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_JSON_BODY)
     app[ENGINE_KEY] = engine
     app[BODY_POOL_KEY] = BodyPool()
+    app[BODY_TIMEOUTS_KEY] = body_timeouts or BodyTimeouts()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)

@@ -25,11 +25,13 @@ def _errors(*codes: int) -> dict[str, Any]:
     described = {
         400: "bad_request: malformed JSON or a missing or mistyped field",
         401: "unauthorized: missing or wrong token",
+        403: "device_revoked: the operator revoked this device; stop using its token",
         404: "job_not_found, unknown_task, unknown_model_version or no_artifact",
-        409: "job_not_active, wrong_round or wrong_task_kind",
+        409: "job_not_active, wrong_round, wrong_task_kind or (enroll) job_full",
         410: "task_expired: the task's deadline passed",
         413: "payload_too_large: body above the job's limit",
         422: "invalid_tensor or invalid_metadata",
+        429: "rate_limited: too many enrollments (per job token or per address); retry after Retry-After",
         503: "overloaded: retry after the Retry-After header",
     }
     return {str(code): _json(_ERROR, described[code]) for code in codes}
@@ -134,7 +136,7 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"201": _json({"type": "object", "required": ["device_id", "token", "job"],
                                         "properties": {"device_id": {"type": "string"}, "token": {"type": "string"},
                                                        "job": {"type": "string"}}}, "enrolled"),
-                          **_errors(400, 401, 404, 409, 413)}}},
+                          **_errors(400, 401, 404, 409, 413, 429, 503)}}},
         "/v1/jobs/{job}/checkin": {"post": {
             "summary": "Report device state; get a task, a retry window or 'job over' (may wait up to "
                        "the job's checkin_wait seconds)", "parameters": [_PATH_JOB], "security": _BEARER,
@@ -191,6 +193,10 @@ def openapi_document() -> dict[str, Any]:
                                "duration": {"type": "number", "minimum": 0}}}}}},
             "responses": {"200": _json(_ACCEPTED, "recorded"), **_errors(400, 401, 404, 409, 410, 413, 422)}}},
     }
+    for operations in paths.values():
+        for operation in operations.values():
+            if operation.get("security"):  # a device's token may be revoked on every route that takes one
+                operation["responses"].update(_errors(403))
     return {
         "openapi": "3.0.3",
         "info": {"title": "fedscaled device protocol", "version": f"v1 (daemon {__version__})"},

@@ -1,7 +1,11 @@
 package com.fedscale.android;
 
+import java.util.ArrayList;
 import java.util.Collections;
 import java.util.List;
+import org.json.JSONArray;
+import org.json.JSONException;
+import org.json.JSONObject;
 
 /** A job's model as {@code GET /v1/jobs/{job}/model} describes it (docs/protocol.md). */
 public final class ModelSpec {
@@ -42,5 +46,56 @@ public final class ModelSpec {
             n *= d;
         }
         return n;
+    }
+
+    /**
+     * The model description of {@code GET /v1/jobs/{job}/model} ({@code model}, {@code input_shape},
+     * {@code num_classes}, {@code width_multiplier}, {@code tensors}, {@code frozen_tensors}).
+     *
+     * @throws IllegalArgumentException when a field is missing or malformed
+     */
+    public static ModelSpec fromJson(JSONObject info) {
+        try {
+            JSONArray shape = info.getJSONArray("input_shape");
+            int[] input = new int[shape.length()];
+            for (int i = 0; i < input.length; i++) {
+                input[i] = shape.getInt(i);
+            }
+            return new ModelSpec(info.getString("model"), input, info.getInt("num_classes"),
+                    info.optDouble("width_multiplier", 1.0), tensorList(info.getJSONArray("tensors")),
+                    tensorList(info.optJSONArray("frozen_tensors")));
+        } catch (JSONException e) {
+            throw new IllegalArgumentException("malformed model description: " + e.getMessage(), e);
+        }
+    }
+
+    private static List<TensorInfo> tensorList(JSONArray arr) throws JSONException {
+        List<TensorInfo> out = new ArrayList<>();
+        if (arr == null) {
+            return out;
+        }
+        for (int i = 0; i < arr.length(); i++) {
+            JSONObject t = arr.getJSONObject(i);
+            String dtype = t.optString("dtype", "F32");
+            if (!"F32".equals(dtype)) {
+                throw new JSONException("tensor " + t.optString("name") + " has dtype " + dtype + ", not F32");
+            }
+            JSONArray s = t.getJSONArray("shape");
+            int[] shape = new int[s.length()];
+            for (int j = 0; j < shape.length; j++) {
+                shape[j] = s.getInt(j);
+            }
+            out.add(new TensorInfo(t.getString("name"), shape));
+        }
+        return out;
+    }
+
+    /** Names of the trainable tensors, in the model's order. */
+    public List<String> tensorNames() {
+        List<String> names = new ArrayList<>();
+        for (TensorInfo t : tensors) {
+            names.add(t.name);
+        }
+        return names;
     }
 }
