@@ -17,6 +17,10 @@ uploads were answered 200 (accepted or duplicate). The round's model must equal 
 exactly those devices (FedAvg with equal weights): an update counted twice, lost after a 200, or
 counted though refused shows up as a wrong mean (off by at least 0.5 / (devices + 1)). Also reported:
 requests sent, 5xx answers seen (expected 0: a killed daemon refuses connections, it does not answer 5xx), peak RSS.
+
+With ``--attack`` a hostile client runs alongside: it keeps ``--idle-sockets`` connections open that never
+send a request, starts uploads that send a few bytes and stall, and sends malformed requests. The daemon must
+still serve every honest device (the per-round check still holds) and its peak RSS is reported.
 """
 
 from __future__ import annotations
@@ -212,8 +216,48 @@ def device(index: int, daemon: DaemonUnderFire, tally: Tally, token: str, stop: 
                 tally.accepted.setdefault(int(task["round"]), set()).add(index)
 
 
+def attacker(daemon: DaemonUnderFire, stop: threading.Event, idle_sockets: int, counts: dict[str, int]) -> None:
+    """Idle sockets, stalled uploads and garbage against the device port until ``stop`` (reopened after kills)."""
+    import socket
+
+    held: list[socket.socket] = []
+    while not stop.is_set():
+        try:
+            while len(held) < idle_sockets:
+                held.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=2))
+                counts["idle_opened"] += 1
+            stalled = socket.create_connection(("127.0.0.1", daemon.port), timeout=2)
+            stalled.sendall(b"PUT /v1/jobs/chaos/tasks/t-x/update HTTP/1.1\r\nHost: x\r\n"
+                            b"Content-Length: 1000000\r\n\r\n0123456789")
+            held.append(stalled)
+            counts["stalled_uploads"] += 1
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=2) as junk:
+                junk.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+                counts["garbage"] += 1
+        except OSError:
+            pass  # the daemon is down (killed) or refused us: try again
+        # Drop sockets the daemon has closed, so that the pressure stays at idle_sockets.
+        alive = []
+        for sock in held:
+            try:
+                sock.setblocking(False)
+                closed = sock.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                closed = False
+            except OSError:
+                closed = True
+            if closed:
+                sock.close()
+            else:
+                alive.append(sock)
+        held = alive
+        time.sleep(0.2)
+    for sock in held:
+        sock.close()
+
+
 def run(kills: int, devices: int, rounds: int, kill_every: float, crash_after_commit: bool,
-        max_seconds: float, seed: int = 0) -> dict[str, Any]:
+        max_seconds: float, seed: int = 0, attack: bool = False, idle_sockets: int = 300) -> dict[str, Any]:
     """Run the harness; the figures and the per-round verification (raises AssertionError on a miscount)."""
     rng = random.Random(seed)
     random.seed(seed)
@@ -237,6 +281,10 @@ def run(kills: int, devices: int, rounds: int, kill_every: float, crash_after_co
                    for i in range(devices)]
         for thread in threads:
             thread.start()
+        counts = {"idle_opened": 0, "stalled_uploads": 0, "garbage": 0}
+        hostile = threading.Thread(target=attacker, args=(daemon, stop, idle_sockets, counts), daemon=True)
+        if attack:
+            hostile.start()
         try:
             while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
                 time.sleep(rng.uniform(0.2, 2.0 * kill_every))
@@ -254,6 +302,8 @@ def run(kills: int, devices: int, rounds: int, kill_every: float, crash_after_co
             stop.set()
             for thread in threads:
                 thread.join(60)
+            if attack:
+                hostile.join(30)
         if daemon.dead():
             daemon.start()
         daemon.sample_rss()
@@ -282,7 +332,8 @@ def run(kills: int, devices: int, rounds: int, kill_every: float, crash_after_co
                 "devices": devices, "rounds_completed": int(status["completed_rounds"]),
                 "rounds_verified": checked, "state": status["state"], "requests": tally.requests,
                 "server_errors_5xx": tally.server_errors, "connection_errors": tally.connection_errors,
-                "peak_rss_mb": round(daemon.peak_rss / 2**20, 1), "seconds": round(time.monotonic() - began, 1)}
+                "peak_rss_mb": round(daemon.peak_rss / 2**20, 1), "seconds": round(time.monotonic() - began, 1),
+                **({"attack": counts} if attack else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,10 +347,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also crash at the daemon's fault point between an upload's commit and its answer")
     parser.add_argument("--max-seconds", type=float, default=900.0, help="give up after this long (900)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attack", action="store_true",
+                        help="also hold idle sockets, stall uploads and send garbage while the devices work")
+    parser.add_argument("--idle-sockets", type=int, default=300, help="idle connections held with --attack (300)")
     args = parser.parse_args(argv)
     try:
         figures = run(args.kills, args.devices, args.rounds, args.kill_every, args.crash_after_commit,
-                      args.max_seconds, args.seed)
+                      args.max_seconds, args.seed, args.attack, args.idle_sockets)
     except AssertionError as exc:
         print(f"chaos: MISCOUNT: {exc}", file=sys.stderr)
         return 1

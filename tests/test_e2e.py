@@ -178,7 +178,11 @@ def test_median_survives_poisoning_devices_that_wreck_fedavg(daemon: DaemonProce
     for aggregator in ("fedavg", "median"):
         name = f"poisoned-{aggregator.replace('_', '-')}"
         path = tmp_path / f"{name}.yml"
-        path.write_text(HOSTILE_JOB.format(name=name, aggregator=aggregator))
+        # Every round takes all 10 updates (rounds close as soon as their chosen devices answered, so on a
+        # loaded machine a round could otherwise open with only its quorum of 8, where a median is more
+        # often outvoted by chance).
+        path.write_text(HOSTILE_JOB.format(name=name, aggregator=aggregator).replace(
+            "min_participants: 8", "min_participants: 10").replace("selection_window: 0.5", "selection_window: 2"))
         assert ctl(daemon.socket_path, "submit", str(path)).returncode == 0
         run = simulate(daemon, name, "--devices", "40", "--dataset", "digits", "--alpha", "1.0", "--seed", "5",
                        "--hostile", "0.2", max_seconds=150)
