@@ -105,6 +105,7 @@ async def get_job(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
     view = status_view(registry.get(request.match_info["name"]))
     view["enrolled_devices"] = registry.enrolled_devices(view["name"])
+    view["live"] = request.app[ENGINE_KEY].live_view(view["name"])
     return web.json_response(view)
 
 

@@ -113,6 +113,18 @@ def _print_job(job: dict[str, Any]) -> None:
     print(f"{'created:':18} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(job['created_at']))}")
     if job["ignored_keys"]:
         print(f"{'ignored keys:':18} {', '.join(job['ignored_keys'])}")
+    live = job.get("live")
+    if live:
+        print(f"{'waiting devices:':18} {live['waiting']} (eligible to train {live['eligible']['train']}, "
+              f"to test {live['eligible']['test']})")
+        for kind in ("train", "test"):
+            for reason, count in sorted(live["ineligible"][kind].items()):
+                print(f"{'':18} {count} may not {kind}: {reason}")
+        phase = live["phase"]
+        if phase:
+            print(f"{'phase:':18} round {phase['round']} {phase['kind']}: {phase['chosen']} chosen, "
+                  f"{phase['answered']} answered, {phase['accepted']}/{phase['target']} counted, "
+                  f"{phase['in_flight']} arriving, deadline in {phase['deadline_in']:g} s")
     if job["metrics"]:
         print("round  participants  train_loss  test_accuracy  test_loss")
         for m in job["metrics"][-10:]:

@@ -152,6 +152,11 @@ class Engine:
         runner = self.runners.get(job)
         return runner.model if runner is not None else model_of(self.registry.config(job))
 
+    def live_view(self, job: str) -> dict[str, Any] | None:
+        """The running job's pool and phase right now (None when it does not run)."""
+        runner = self.runners.get(job)
+        return runner.live_view() if runner is not None else None
+
     def job_artifacts(self, job: str) -> dict[str, Artifact]:
         """The artifacts a job serves, by backend."""
         artifact_key = self._artifact_keys.get(job)

@@ -102,6 +102,7 @@ class JobRunner:
         self.loss_sum = 0.0
         self.loss_weight = 0.0
         self.test_results: list[dict[str, Any]] = []
+        self._explained: tuple[Any, ...] | None = None  # the last "cannot open" picture logged
         self.wake = asyncio.Event()
         self.shutting_down = False
         self.started_at = record["created_at"]
@@ -216,6 +217,7 @@ class JobRunner:
                     if self._ready_to_open(plan.kind, now):
                         await self._open(plan, record, now)
                         continue
+                    await self._explain_stuck_pool(plan.kind, plan.round)
                     await self._sleep(self._selection_timeout(now))
                 else:
                     if self._phase_complete() or now >= self.phase.deadline:
@@ -245,6 +247,48 @@ class JobRunner:
             return False
         oldest = min(self.pool[d].since for d in eligible)
         return rounds.should_open(self.config, len(eligible), now - oldest, kind)
+
+    def pool_reasons(self, kind: str) -> dict[str, int]:
+        """Waiting devices that cannot take a ``kind`` task, counted by reason."""
+        counts: dict[str, int] = {}
+        for waiter in self.pool.values():
+            if waiter.answer.done():
+                continue
+            reason = rounds.ineligible_reason(self.config, waiter.status, kind)
+            if reason is not None:
+                counts[reason] = counts.get(reason, 0) + 1
+        return counts
+
+    async def _explain_stuck_pool(self, kind: str, round_number: int) -> None:
+        """Log once (and again when the picture changes) that no waiting device may take the next task."""
+        waiting = sum(1 for w in self.pool.values() if not w.answer.done())
+        reasons = self.pool_reasons(kind)
+        picture = (kind, round_number, tuple(sorted(reasons.items())))
+        if waiting == 0 or sum(reasons.values()) < waiting or picture == self._explained:
+            return
+        self._explained = picture
+        detail = ", ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items()))
+        await self.registry.log.append(
+            self.name, f"Round {round_number} cannot open: none of the {waiting} waiting devices may take a "
+            f"{kind} task ({detail})", level="WARNING", round=round_number, reasons=reasons)
+
+    def live_view(self) -> dict[str, Any]:
+        """What the job is doing right now, for ``fedscalectl status JOB``."""
+        kinds = (TRAIN, TEST)
+        waiting = [w for w in self.pool.values() if not w.answer.done()]
+        view: dict[str, Any] = {
+            "waiting": len(waiting),
+            "eligible": {k: len(self._eligible_pool(k)) for k in kinds},
+            "ineligible": {k: self.pool_reasons(k) for k in kinds},
+            "phase": None,
+        }
+        if self.phase is not None:
+            done = self.accepted if self.phase.kind == TRAIN else len(self.test_results)
+            view["phase"] = {"kind": self.phase.kind, "round": self.phase.round, "chosen": len(self.tasks),
+                             "answered": sum(1 for t in self.tasks.values() if t.done), "accepted": done,
+                             "target": self.phase.target, "in_flight": self.inflight,
+                             "deadline_in": round(max(0.0, self.phase.deadline - time.time()), 1)}
+        return view
 
     def _selection_timeout(self, now: float) -> float:
         if not self.pool:
