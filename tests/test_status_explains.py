@@ -52,3 +52,23 @@ def test_a_round_that_cannot_open_explains_why(daemon: DaemonProcess, tmp_path: 
     assert ctl(daemon.socket_path, "logs", "few").stdout.count("cannot open") == before
     for thread in threads:
         thread.join(10)
+
+
+def test_fedscalectl_model_exports_a_version(daemon: DaemonProcess, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import load
+
+    assert submit(daemon, tmp_path, JOB.format(name="exp")).returncode == 0
+    out = tmp_path / "m.safetensors"
+    result = ctl(daemon.socket_path, "model", "exp", "--out", str(out))
+    assert result.returncode == 0 and "model version 0 of job exp" in result.stdout, result.stderr
+    tensors = load(out.read_bytes())
+    assert sorted(tensors) == ["dense_0/bias", "dense_0/kernel"] and tensors["dense_0/kernel"].shape == (16, 3)
+    npz = tmp_path / "m.npz"
+    assert ctl(daemon.socket_path, "model", "exp", "--version", "0", "--out", str(npz), "--format",
+               "npz").returncode == 0
+    with np.load(npz) as loaded:
+        np.testing.assert_array_equal(loaded["dense_0/kernel"], tensors["dense_0/kernel"])
+    missing = ctl(daemon.socket_path, "model", "exp", "--version", "7", "--out", str(tmp_path / "x"))
+    assert missing.returncode == 1 and "no model version 7" in missing.stderr
+    assert not (tmp_path / "x").exists()

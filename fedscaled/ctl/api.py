@@ -170,6 +170,20 @@ async def logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def export_model(request: web.Request) -> web.Response:
+    """A model version of a job as safetensors (``?version=N``; the latest by default), for operators."""
+    registry = request.app[REGISTRY_KEY]
+    name = request.match_info["name"]
+    record = registry.get(name)
+    raw = request.query.get("version", "")
+    if raw and (not raw.isascii() or not raw.isdigit() or len(raw) > 19):
+        raise BadRequest(f"version must be a non-negative integer, got {raw[:40]!r}")
+    version = int(raw) if raw else int(record["model_version"])
+    data = request.app[ENGINE_KEY].model_bytes(name, version)
+    return web.Response(body=data, content_type="application/octet-stream",
+                        headers={"X-Model-Version": str(version)})
+
+
 def build_control_app(registry: JobRegistry, engine: Engine) -> web.Application:
     """The aiohttp application behind the control socket."""
     app = web.Application(middlewares=[audit_middleware, error_middleware], client_max_size=MAX_JOB_FILE * 2)
@@ -184,4 +198,5 @@ def build_control_app(registry: JobRegistry, engine: Engine) -> web.Application:
     app.router.add_get("/v1/jobs/{name}/devices", list_devices)
     app.router.add_post("/v1/jobs/{name}/devices/{device}/revoke", revoke_device)
     app.router.add_get("/v1/jobs/{name}/logs", logs)
+    app.router.add_get("/v1/jobs/{name}/model", export_model)
     return app

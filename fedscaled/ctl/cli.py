@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="revoke a device: its token stops working and it leaves the selection pool")
     revoke.add_argument("job", metavar="JOB")
     revoke.add_argument("device", metavar="DEVICE")
+    model = sub.add_parser("model", parents=[common], help="write a job's model (a version, or the latest) to a file")
+    model.add_argument("job", metavar="JOB")
+    model.add_argument("--version", type=int, metavar="N", help="model version (default: the latest)")
+    model.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write it")
+    model.add_argument("--format", choices=("safetensors", "npz"), default="safetensors",
+                       help="safetensors (the wire format, default) or numpy's npz")
     rotate = sub.add_parser("rotate-token", parents=[common],
                             help="give a job a new enrollment token (the old one stops enrolling devices)")
     rotate.add_argument("job", metavar="JOB")
@@ -200,6 +206,22 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"new enrollment token of job {job['name']}: {job['enrollment_token']}")
             print("the old token enrolls no more devices; devices already enrolled keep working")
+    elif args.command == "model":
+        query = f"?version={args.version}" if args.version is not None else ""
+        data, headers = client.fetch(f"/v1/jobs/{args.job}/model{query}")
+        if args.format == "npz":
+            import io
+
+            import numpy as np
+            from safetensors.numpy import load
+
+            buffer = io.BytesIO()
+            arrays: dict[str, Any] = dict(load(data))
+            np.savez(buffer, **arrays)
+            data = buffer.getvalue()
+        args.out.write_bytes(data)
+        print(f"model version {headers.get('x-model-version', '?')} of job {args.job} written to {args.out} "
+              f"({len(data)} bytes, {args.format})")
     elif args.command == "logs":
         query = f"since={args.since}" + ("&follow=1" if args.follow else "")
         for event in client.stream(f"/v1/jobs/{args.job}/logs?{query}"):

@@ -57,6 +57,11 @@ class ControlClient:
         response = self._open(method, path, body)
         return json.loads(response.read() or b"null")
 
+    def fetch(self, path: str) -> tuple[bytes, dict[str, str]]:
+        """A binary response's body and headers."""
+        response = self._open("GET", path)
+        return response.read(), {k.lower(): v for k, v in response.getheaders()}
+
     def stream(self, path: str) -> Iterator[dict[str, Any]]:
         """NDJSON lines of a streaming response (no read timeout)."""
         response = self._open("GET", path, timeout=None)
