@@ -323,6 +323,7 @@ class Engine:
         model = self.model_def(job)
         info = {"job": job, "model": model.name, "input_shape": list(model.input_shape),
                 "num_classes": model.num_classes, "width_multiplier": model.width_multiplier,
+                "checkin_wait": float(self.registry.config(job)["checkin_wait"]),
                 "latest_version": record["model_version"], "num_params": model.num_params, "state": record["state"],
                 "tensors": [{"name": n, "shape": list(s), "dtype": "F32"} for n, s in model.specs],
                 "frozen_tensors": [{"name": n, "shape": list(s), "dtype": "F32"} for n, s in model.frozen_specs],

@@ -33,6 +33,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         422: "invalid_tensor or invalid_metadata",
         429: "rate_limited: too many enrollments (per job token or per address); retry after Retry-After",
         503: "overloaded: retry after the Retry-After header",
+        507: "storage_full: the daemon's disk is full; nothing was stored, retry after the Retry-After header",
     }
     return {str(code): _json(_ERROR, described[code]) for code in codes}
 
@@ -57,12 +58,15 @@ _TENSORS = {"type": "array", "items": {"type": "object", "required": ["name", "s
     "dtype": {"type": "string", "enum": ["F32"]}}}}
 _MODEL_INFO = {
     "type": "object",
-    "required": ["job", "model", "input_shape", "num_classes", "width_multiplier", "latest_version", "num_params",
+    "required": ["job", "model", "input_shape", "num_classes", "width_multiplier", "checkin_wait", "latest_version",
+                 "num_params",
                  "state", "tensors", "frozen_tensors", "backends"],
     "properties": {
         "job": {"type": "string"}, "model": {"type": "string"},
         "input_shape": {"type": "array", "items": {"type": "integer"}}, "num_classes": {"type": "integer"},
         "width_multiplier": {"type": "number"}, "latest_version": {"type": "integer"},
+        "checkin_wait": {"type": "number", "description": "longest a check-in is held (s): the client's "
+                         "read timeout must exceed it"},
         "num_params": {"type": "integer"}, "state": {"type": "string"},
         "tensors": _TENSORS, "frozen_tensors": _TENSORS,
         "backends": {"type": "object", "additionalProperties": _ARTIFACT_REF,
@@ -136,7 +140,7 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"201": _json({"type": "object", "required": ["device_id", "token", "job"],
                                         "properties": {"device_id": {"type": "string"}, "token": {"type": "string"},
                                                        "job": {"type": "string"}}}, "enrolled"),
-                          **_errors(400, 401, 404, 409, 413, 429, 503)}}},
+                          **_errors(400, 401, 404, 409, 413, 429, 503, 507)}}},
         "/v1/jobs/{job}/checkin": {"post": {
             "summary": "Report device state; get a task, a retry window or 'job over' (may wait up to "
                        "the job's checkin_wait seconds)", "parameters": [_PATH_JOB], "security": _BEARER,
@@ -180,7 +184,7 @@ def openapi_document() -> dict[str, Any]:
                            "description": "safetensors with every model tensor; __metadata__: samples, loss, "
                                           "utility?, duration?"}}}},
             "responses": {"200": _json(_ACCEPTED, "durable on disk"),
-                          **_errors(400, 401, 404, 409, 410, 413, 422)}}},
+                          **_errors(400, 401, 404, 409, 410, 413, 422, 503, 507)}}},
         "/v1/jobs/{job}/tasks/{task_id}/result": {"post": {
             "summary": "Test results of a test task (idempotent by task id)",
             "parameters": [_PATH_JOB, _PATH_TASK], "security": _BEARER,
@@ -191,7 +195,8 @@ def openapi_document() -> dict[str, Any]:
                                "correct_top5": {"type": "integer", "minimum": 0},
                                "loss_sum": {"type": "number", "minimum": 0},
                                "duration": {"type": "number", "minimum": 0}}}}}},
-            "responses": {"200": _json(_ACCEPTED, "recorded"), **_errors(400, 401, 404, 409, 410, 413, 422)}}},
+            "responses": {"200": _json(_ACCEPTED, "recorded"),
+                          **_errors(400, 401, 404, 409, 410, 413, 422, 503, 507)}}},
     }
     for operations in paths.values():
         for operation in operations.values():
