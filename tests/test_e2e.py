@@ -31,7 +31,7 @@ def simulate(daemon: DaemonProcess, job: str, *extra: str, max_seconds: int = 24
         capture_output=True, text=True, timeout=max_seconds + 60, check=False)
 
 
-def test_digits_mlp_reaches_85_percent_within_30_rounds(daemon: DaemonProcess) -> None:
+def test_digits_mlp_reaches_85_percent_within_30_rounds(daemon: DaemonProcess, tmp_path: Path) -> None:
     submitted = ctl(daemon.socket_path, "submit", str(REPO / "configs" / "digits-mlp.yml"))
     assert submitted.returncode == 0, submitted.stderr
     run = simulate(daemon, "digits-mlp", "--devices", "100", "--dataset", "digits", "--alpha", "0.5", "--seed", "7")
@@ -51,6 +51,11 @@ def test_digits_mlp_reaches_85_percent_within_30_rounds(daemon: DaemonProcess) -
     logs = ctl(daemon.socket_path, "logs", "digits-mlp").stdout
     assert "round: 30, Planned participants: 13, Succeed participants: 10, Training loss:" in logs
     assert "FL Testing in round: 30" in logs
+    report = ctl(daemon.socket_path, "report", "digits-mlp", "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    rows = (tmp_path / "report" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 31 and rows[0].startswith("round,model_version,participants")  # v0's test + 30
+    assert (tmp_path / "report" / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
 DROPOUT_JOB = """\

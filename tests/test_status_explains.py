@@ -72,3 +72,16 @@ def test_fedscalectl_model_exports_a_version(daemon: DaemonProcess, tmp_path: Pa
     missing = ctl(daemon.socket_path, "model", "exp", "--version", "7", "--out", str(tmp_path / "x"))
     assert missing.returncode == 1 and "no model version 7" in missing.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_fedscalectl_report_writes_csv_and_png(daemon: DaemonProcess, tmp_path: Path) -> None:
+    import csv
+
+    assert submit(daemon, tmp_path, JOB.format(name="rep")).returncode == 0
+    out = tmp_path / "report"
+    result = ctl(daemon.socket_path, "report", "rep", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    with (out / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows == []  # nothing run yet: a header only
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="revoke a device: its token stops working and it leaves the selection pool")
     revoke.add_argument("job", metavar="JOB")
     revoke.add_argument("device", metavar="DEVICE")
+    report = sub.add_parser("report", parents=[common],
+                            help="write a job's metrics as CSV and (with matplotlib) a PNG of accuracy and loss")
+    report.add_argument("job", metavar="JOB")
+    report.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for metrics.csv and report.png")
     model = sub.add_parser("model", parents=[common], help="write a job's model (a version, or the latest) to a file")
     model.add_argument("job", metavar="JOB")
     model.add_argument("--version", type=int, metavar="N", help="model version (default: the latest)")
@@ -206,6 +210,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"new enrollment token of job {job['name']}: {job['enrollment_token']}")
             print("the old token enrolls no more devices; devices already enrolled keep working")
+    elif args.command == "report":
+        from fedscaled.ctl import report as reporting
+
+        job = client.call("GET", f"/v1/jobs/{args.job}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows = reporting.write_csv(job, args.out / "metrics.csv")
+        print(f"{rows} rounds written to {args.out / 'metrics.csv'}")
+        if reporting.write_png(job, args.out / "report.png"):
+            print(f"plot written to {args.out / 'report.png'}")
+        else:
+            print("no plot: matplotlib is not installed (pip install 'fedscaled[report]')", file=sys.stderr)
     elif args.command == "model":
         query = f"?version={args.version}" if args.version is not None else ""
         data, headers = client.fetch(f"/v1/jobs/{args.job}/model{query}")
