@@ -107,6 +107,12 @@ class World:
         return {name: (value + np.float32(delta)).astype(np.float32) for name, value in self.model().items()}
 
 
+def _without_live(status: dict[str, Any]) -> dict[str, Any]:
+    """A status without ``live`` (the pool and phase right now: deadline_in ticks, check-ins come and go)."""
+    status.pop("live", None)
+    return status
+
+
 class Env:
     """The module's daemon, a protocol client, and read access to the daemon's store."""
 
@@ -131,11 +137,11 @@ class Env:
     def status(self, job: str) -> dict[str, Any]:
         """``fedscalectl status JOB --json``, through fedscalectl's own control client (in process: the
         same JSON without a Python start per call; test_status_matches_fedscalectl checks the CLI)."""
-        return cast(dict[str, Any], self.control.call("GET", f"/v1/jobs/{job}"))
+        return _without_live(cast(dict[str, Any], self.control.call("GET", f"/v1/jobs/{job}")))
 
     def ctl_status(self, job: str) -> dict[str, Any]:
         """``fedscalectl status JOB --json``, run as the operator would."""
-        return cast(dict[str, Any], json.loads(self.ctl("status", job, "--json")))
+        return _without_live(cast(dict[str, Any], json.loads(self.ctl("status", job, "--json"))))
 
     def submit(self, job: str, **overrides: object) -> str:
         """Submit a job; its enrollment token."""
