@@ -91,6 +91,13 @@ class WrongRound(FedError):
     description = "The task belongs to a round that has already closed: the upload is late and was dropped."
 
 
+class StaleUpdate(FedError):
+    code = "stale_update"
+    status = 409
+    description = ("Asynchronous jobs: the update was trained on a model more than max_staleness versions older "
+                   "than the one it would be applied to; it was dropped. Check in for a task on the latest model.")
+
+
 class TaskExpired(FedError):
     code = "task_expired"
     status = 410

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from fedscaled.core.strategies import POLICY_NAMES, STRATEGIES, canonical
 from fedscaled.errors import InvalidConfig
 
 # Top-level keys of a FedScale job file that configure FedScale's own launcher (ssh, conda,
@@ -61,7 +62,8 @@ _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
 _SHORT.maxlevel = 2
 MODELS = ("linear", "mlp", "cnn", "mobilenetv3", "mobilenetv3_finetune")
 SAMPLE_MODES = ("random", "oort")
-GRADIENT_POLICIES = ("fed-avg", "fedavg", "yogi", "fed-yogi", "fed-prox", "prox", "q-fedavg", "qfedavg")
+GRADIENT_POLICIES = POLICY_NAMES
+STALENESS_FUNCTIONS = ("sqrt", "constant", "polynomial")
 WEIGHTINGS = ("samples", "uniform")
 AGGREGATORS = ("fedavg", "median", "trimmed_mean", "krum")
 ON_LOW_QUORUM = ("retry", "fail")
@@ -145,8 +147,23 @@ JOB_KEYS: dict[str, KeySpec] = {
     "min_battery": _k("int", 20, "Only devices with at least this battery percentage are selected.",
                       minimum=0, maximum=100),
     # --- aggregation
-    "gradient_policy": _k("choice", "fed-avg", "Server aggregation: fed-avg (more in later releases).",
-                          choices=GRADIENT_POLICIES),
+    "gradient_policy": _k("choice", "fed-avg", "Server strategy: fed-avg, fed-yogi, fed-adam, fed-adagrad, fed-avgm, "
+                          "fed-prox or q-fedavg (docs/config.md, 'Strategies'; FedScale's yogi, prox, qfedavg and "
+                          "fedavg spellings too).", choices=GRADIENT_POLICIES),
+    "server_lr": _k("float", 0.0, "Server learning rate of fed-adam, fed-adagrad and fed-avgm (0: the strategy's "
+                    "default, 0.01, 0.1 and 1.0); fed-yogi uses yogi_eta.", minimum=0.0),
+    "server_momentum": _k("float", 0.9, "fed-avgm: server momentum.", minimum=0.0, maximum=1.0),
+    "server_beta1": _k("float", 0.9, "fed-adam: first-moment decay.", minimum=0.0, maximum=1.0),
+    "server_beta2": _k("float", 0.99, "fed-adam: second-moment decay.", minimum=0.0, maximum=1.0),
+    "server_tau": _k("float", 1e-3, "fed-adam and fed-adagrad: adaptivity (the denominator's epsilon).",
+                     minimum=0.0, exclusive_min=True),
+    "clip_norm": _k("float", 0.0, "Clip each update's distance to the global model to this L2 norm (0: off). Any "
+                    "strategy.", minimum=0.0),
+    "noise_multiplier": _k("float", 0.0, "Central differential privacy: Gaussian noise of std noise_multiplier * "
+                           "clip_norm * (largest weight / total weight) on each round's model (0: off; needs "
+                           "clip_norm).", minimum=0.0),
+    "dp_delta": _k("float", 1e-5, "Central differential privacy: the delta of the (epsilon, delta) reported.",
+                   minimum=0.0, maximum=1.0, exclusive_min=True),
     "aggregator": _k("choice", "fedavg", "How a round's updates are combined: fedavg (weighted mean, streamed as "
                      "they arrive) or a Byzantine-robust rule over the stored updates: median, trimmed_mean, krum.",
                      choices=AGGREGATORS),
@@ -178,9 +195,16 @@ JOB_KEYS: dict[str, KeySpec] = {
     "yogi_beta2": _k("float", 0.99, "Yogi second-moment decay.", minimum=0.0, maximum=1.0),
     "qfed_q": _k("float", 0.0, "q-FedAvg fairness parameter.", minimum=0.0),
     # --- asynchronous mode (selected by aggregator_entry: ...async_aggregator.py)
-    "max_staleness": _k("int", 5, "Async mode: oldest model version an update may be based on.", minimum=0),
-    "max_concurrency": _k("int", 100, "Async mode: most devices training at once.", minimum=1),
-    "async_buffer": _k("int", 10, "Async mode: updates aggregated per model version.", minimum=1),
+    "max_staleness": _k("int", 5, "Async mode: an update based on a model more than this many versions old is "
+                        "refused.", minimum=0),
+    "max_concurrency": _k("int", 100, "Async mode: most training tasks out at once.", minimum=1),
+    "async_buffer": _k("int", 0, "Async mode: updates buffered per model version (0: num_participants).",
+                       minimum=0),
+    "staleness_function": _k("choice", "sqrt", "Async mode: an update's weight by its staleness s: sqrt "
+                             "(1/sqrt(1+s), FedScale's), constant (1) or polynomial ((1+s)^-staleness_exponent).",
+                             choices=STALENESS_FUNCTIONS),
+    "staleness_exponent": _k("float", 0.5, "Async mode: the exponent of staleness_function polynomial.",
+                             minimum=0.0),
     # --- Oort selection
     "exploration_factor": _k("float", 0.9, "Oort: initial fraction of participants picked for exploration.",
                              minimum=0.0, maximum=1.0),
@@ -509,7 +533,7 @@ def parse_job_text(text: str) -> JobConfig:
     if len(shape) == 4:
         # FedScale's 4-D form is (batch, channels, height, width), e.g. its default `1 3 28 28`.
         values["input_shape"] = (shape[2], shape[3], shape[1])
-    _check_cross_fields(values)
+    _check_cross_fields(values, mode)
     if not values["enrollment_token"]:
         # Hex, so that a generated token never starts with "-" (a command line would take it for an option).
         values["enrollment_token"] = secrets.token_hex(20)
@@ -517,7 +541,7 @@ def parse_job_text(text: str) -> JobConfig:
                      source_text=text)
 
 
-def _check_cross_fields(values: dict[str, Any]) -> None:
+def _check_cross_fields(values: dict[str, Any], mode: str = "sync") -> None:
     name = values["job_name"]
     if not JOB_NAME_RE.match(name):
         raise InvalidConfig(
@@ -543,6 +567,33 @@ def _check_cross_fields(values: dict[str, Any]) -> None:
     if values["experiment_mode"] == "simulation":
         raise InvalidConfig("experiment_mode simulation needs FedScale's simulator; this daemon trains on devices "
                             "(use mobile or deployment)", key="experiment_mode")
-    gp = values["gradient_policy"]
-    if gp not in ("fed-avg", "fedavg"):
-        raise InvalidConfig(f"gradient_policy {gp!r} is not supported yet; use fed-avg", key="gradient_policy")
+    strategy = STRATEGIES[canonical(str(values["gradient_policy"]))]
+    if mode == "async":
+        _check_async(values, strategy.mean_based)
+    if not strategy.mean_based and values["aggregator"] != "fedavg":
+        raise InvalidConfig(f"gradient_policy {values['gradient_policy']} combines the updates itself; it cannot run "
+                            f"with aggregator {values['aggregator']} (use aggregator fedavg)", key="aggregator")
+    if values["noise_multiplier"] > 0:
+        if values["clip_norm"] <= 0:
+            raise InvalidConfig("noise_multiplier needs clip_norm > 0: the noise is calibrated to the clip norm",
+                                key="noise_multiplier")
+        if values["aggregator"] != "fedavg" or not strategy.mean_based:
+            raise InvalidConfig(f"differential privacy (noise_multiplier) is calibrated for a weighted mean of the "
+                                f"updates; aggregator {values['aggregator']} with gradient_policy "
+                                f"{values['gradient_policy']} is not one", key="noise_multiplier")
+
+
+def _check_async(values: dict[str, Any], mean_based: bool) -> None:
+    """What asynchronous (FedBuff) jobs cannot combine with."""
+    if values["aggregator"] != "fedavg" or not mean_based:
+        raise InvalidConfig(f"asynchronous mode buffers a weighted mean of deltas; it cannot run aggregator "
+                            f"{values['aggregator']} with gradient_policy {values['gradient_policy']}",
+                            key="aggregator" if values["aggregator"] != "fedavg" else "gradient_policy")
+    if values["clip_norm"] > 0 or values["noise_multiplier"] > 0:
+        raise InvalidConfig("clip_norm and noise_multiplier are for synchronous rounds; remove them or the "
+                            "asynchronous aggregator_entry", key="clip_norm")
+    retention = values["model_retention"]
+    if 0 < retention <= values["max_staleness"]:
+        raise InvalidConfig(f"model_retention ({retention}) must exceed max_staleness ({values['max_staleness']}): "
+                            f"an update is turned into a delta against the version it was trained from",
+                            key="model_retention")

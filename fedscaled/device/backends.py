@@ -4,7 +4,8 @@ A :class:`Backend` trains a model from given weights on local data and evaluates
 follows the same plan, so that a job's devices do the same work whatever engine they embed:
 minibatches from shuffled passes without replacement (``train.batch_plan``), a short batch padded to
 the artifact's fixed batch size with mask-0 rows, SGD with weight decay as fedscaled/core/steps.py
-defines it, and test counts summed over the real rows.
+defines it (plus FedProx's proximal term when a task sets ``proxy_mu``: ``train.proximal_step``, applied
+after each step), and test counts summed over the real rows.
 
 :class:`ArtifactBackend` is what an Android app does with the same files: load the artifact, feed
 weights and a batch by input name, read ``new:NAME`` outputs back as the next weights.
@@ -34,9 +35,13 @@ class Backend(Protocol):
     name: str
 
     def train(self, frozen: NumpyParams, params: NumpyParams, x: np.ndarray, y: np.ndarray, *, lr: float,
-              local_steps: int, batch_size: int, epochs: int = 0, weight_decay: float = 0.0, seed: int = 0
-              ) -> tuple[NumpyParams, float, int]:
-        """(new trainable weights, mean minibatch loss, samples used), as train.train_local."""
+              local_steps: int, batch_size: int, epochs: int = 0, weight_decay: float = 0.0, seed: int = 0,
+              proxy_mu: float = 0.0, w_global: NumpyParams | None = None) -> tuple[NumpyParams, float, int]:
+        """(new trainable weights, mean minibatch loss, samples used), as train.train_local.
+
+        ``proxy_mu`` > 0 makes every step FedProx's (``train.proximal_step``): pulled toward
+        ``w_global``, by default ``params``, the model the task started from.
+        """
 
     def evaluate(self, frozen: NumpyParams, params: NumpyParams, x: np.ndarray, y: np.ndarray,
                  batch_size: int) -> TestCounts:
@@ -52,11 +57,12 @@ class JaxBackend:
         self.model = model
 
     def train(self, frozen: NumpyParams, params: NumpyParams, x: np.ndarray, y: np.ndarray, *, lr: float,
-              local_steps: int, batch_size: int, epochs: int = 0, weight_decay: float = 0.0, seed: int = 0
-              ) -> tuple[NumpyParams, float, int]:
+              local_steps: int, batch_size: int, epochs: int = 0, weight_decay: float = 0.0, seed: int = 0,
+              proxy_mu: float = 0.0, w_global: NumpyParams | None = None) -> tuple[NumpyParams, float, int]:
         """See :class:`Backend`."""
         return train.train_local(self.model, params, x, y, lr=lr, local_steps=local_steps, batch_size=batch_size,
-                                 epochs=epochs, weight_decay=weight_decay, seed=seed, frozen=frozen)
+                                 epochs=epochs, weight_decay=weight_decay, seed=seed, frozen=frozen,
+                                 proxy_mu=proxy_mu, w_global=w_global)
 
     def evaluate(self, frozen: NumpyParams, params: NumpyParams, x: np.ndarray, y: np.ndarray,
                  batch_size: int) -> TestCounts:
@@ -118,8 +124,8 @@ class ArtifactBackend:
             return self._run(program, inputs)
 
     def train(self, frozen: NumpyParams, params: NumpyParams, x: np.ndarray, y: np.ndarray, *, lr: float,
-              local_steps: int, batch_size: int, epochs: int = 0, weight_decay: float = 0.0, seed: int = 0
-              ) -> tuple[NumpyParams, float, int]:
+              local_steps: int, batch_size: int, epochs: int = 0, weight_decay: float = 0.0, seed: int = 0,
+              proxy_mu: float = 0.0, w_global: NumpyParams | None = None) -> tuple[NumpyParams, float, int]:
         """See :class:`Backend`. ``batch_size`` must be the artifact's (the daemon picks artifacts by it)."""
         if batch_size != self.train_batch:
             raise ValueError(f"task batch size {batch_size} differs from the artifact's {self.train_batch}")
@@ -132,6 +138,9 @@ class ArtifactBackend:
             raise ValueError("need local_steps >= 1 or epochs >= 1")
         plan = train.batch_plan(n, b, total_steps, np.random.default_rng(seed))
         weights = {name: np.asarray(params[name], np.float32) for name in self.names}
+        # FedProx's anchor: the task's starting weights themselves (no copy: steps never write into them).
+        anchor = weights if w_global is None else {name: np.asarray(w_global[name], np.float32)
+                                                   for name in self.names}
         fixed = {name: np.asarray(frozen[name], np.float32) for name in self.frozen_names}
         lr_in, wd_in = np.array(lr, np.float32), np.array(weight_decay, np.float32)
         xb = np.zeros((b, *x.shape[1:]), np.float32)
@@ -146,7 +155,9 @@ class ArtifactBackend:
             yb[:len(idx)] = y[idx]
             mb[:len(idx)] = 1.0
             out = self.run(steps.TRAIN, {**fixed, **weights, "x": xb, "y": yb, "mask": mb, "lr": lr_in, "wd": wd_in})
-            weights = {name: out[steps.NEW_PREFIX + name] for name in self.names}
+            # The graph's step is plain SGD at ``weights``: the proximal term's gradient is added after it.
+            weights = train.proximal_step({name: out[steps.NEW_PREFIX + name] for name in self.names}, weights,
+                                          anchor, lr, proxy_mu)
             loss_sum += float(out[steps.LOSS_OUTPUT])
         samples_used = n if epochs > 0 else min(n, total_steps * b)
         return weights, loss_sum / len(plan), samples_used

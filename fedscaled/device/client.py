@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json as jsonlib
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -452,6 +453,7 @@ class DeviceClient:
         """Download the task's model version, train locally, upload (or vanish/sleep, by behaviour)."""
         task_id, version = str(task["task_id"]), int(task["model_version"])
         config = task.get("config", {})
+        proxy_mu = task_proxy_mu(config)  # FedProx; 0 (plain FedAvg-style SGD) for older daemons
         params = await self._weights(version)
         backend, frozen = await self._engine(task)
         started = time.monotonic()
@@ -461,7 +463,8 @@ class DeviceClient:
             frozen, params, self.data.x_train, self.data.y_train,
             lr=float(config.get("learning_rate", 0.05)), local_steps=int(config.get("local_steps", 20)),
             batch_size=int(config.get("batch_size", 32)), epochs=int(config.get("epochs", 0) or 0),
-            weight_decay=float(config.get("weight_decay", 0.0) or 0.0), seed=seed))
+            weight_decay=float(config.get("weight_decay", 0.0) or 0.0), seed=seed,
+            proxy_mu=proxy_mu))
         duration = time.monotonic() - started
         self.stats.trained += 1
         if self.rng.random() < self.behaviour.dropout:
@@ -602,6 +605,18 @@ class DeviceClient:
 
         result: FineTuneResult = await self._compute(work)
         return result
+
+
+def task_proxy_mu(config: Mapping[str, Any]) -> float:
+    """FedProx's ``mu`` of a train task's config: ``proxy_mu``, 0 when absent or null (older daemons).
+
+    A negative or non-finite value is refused (ValueError): it would push the weights away from the
+    global model instead of pulling them toward it.
+    """
+    mu = float(config.get("proxy_mu") or 0.0)
+    if not math.isfinite(mu) or mu < 0.0:
+        raise ValueError(f"proxy_mu must be a finite number >= 0, got {config.get('proxy_mu')!r}")
+    return mu
 
 
 def _retry_after_header(value: str | None) -> float | None:

@@ -4,6 +4,12 @@ Shapes are kept fixed so that XLA compiles once per (model, batch size, step buc
 short batch is padded and masked out, and a run of SGD steps is one ``lax.scan`` over a step count
 rounded up to a bucket (masked steps leave the weights untouched). Many simulated devices share one
 process, so trainers are cached per model definition.
+
+FedProx (a task's ``proxy_mu``): every step is followed by :func:`proximal_step`'s correction
+``new -= lr * mu * (w - w_global)``, ``w`` the weights the step started from and ``w_global`` the
+model the task started from. The step being plain SGD evaluated at ``w``, this is exactly the SGD step
+on ``loss + mu/2 * ||w - w_global||^2``; the artifact backends apply the same numpy correction after
+their fixed graph, so no artifact changes.
 """
 
 from __future__ import annotations
@@ -48,19 +54,44 @@ class Trainer:
     """Jitted functions for one model definition (see :func:`make_trainer`)."""
 
     model: ModelDef
-    # (frozen, params, xs[S,B,...], ys[S,B], masks[S,B], lr, wd) -> (params, loss_sum, valid_steps)
+    # (frozen, params, w_global, xs[S,B,...], ys[S,B], masks[S,B], lr, wd, mu) -> (params, loss_sum, valid_steps)
     train_steps: TrainStepsFn
     # (frozen and trainable params, x[B,...], y[B], mask[B]) -> (correct_top1, correct_top5, loss_sum)
     eval_batch: EvalBatchFn
 
 
+def proximal_step(new: NumpyParams, before: NumpyParams, w_global: NumpyParams, lr: float, mu: float
+                  ) -> NumpyParams:
+    """The FedProx correction of one SGD step: ``new - lr * mu * (before - w_global)``, in float32.
+
+    ``new`` is what a plain SGD step (weight decay included) made of ``before``; the result is then the
+    SGD step on ``loss + mu/2 * ||w - w_global||^2``, whose gradient ``mu * (w - w_global)`` pulls the
+    weights back toward the global model for ``mu > 0``. A negative ``mu`` pushes them away (FedScale's
+    client has that sign wrong; tests/test_fedprox.py uses ``mu = -1`` to show the difference). ``mu == 0``
+    returns ``new`` itself. The inputs are left untouched.
+    """
+    if mu == 0.0:
+        return new
+    scale = np.float32(lr) * np.float32(mu)
+    out: NumpyParams = {}
+    for name, value in new.items():
+        delta = np.subtract(before[name], w_global[name], dtype=np.float32)
+        delta *= scale
+        np.subtract(value, delta, out=delta)
+        out[name] = delta
+    return out
+
+
 def _make_trainer(model: ModelDef) -> Trainer:
-    def train_steps(frozen: Params, params: Params, xs: jax.Array, ys: jax.Array, masks: jax.Array,
-                    lr: jax.Array, wd: jax.Array) -> tuple[Params, jax.Array, jax.Array]:
+    def train_steps(frozen: Params, params: Params, w_global: Params, xs: jax.Array, ys: jax.Array,
+                    masks: jax.Array, lr: jax.Array, wd: jax.Array, mu: jax.Array
+                    ) -> tuple[Params, jax.Array, jax.Array]:
         def step(carry: Params, batch: tuple[jax.Array, jax.Array, jax.Array]
                  ) -> tuple[Params, tuple[jax.Array, jax.Array]]:
             x, y, mask = batch
             new, loss = steps.sgd_step(model, frozen, carry, x, y, mask, lr, wd)
+            # FedProx, as proximal_step: the same float32 expression the artifact backends apply.
+            new = {k: new[k] - lr * mu * (carry[k] - w_global[k]) for k in new}
             # A step whose batch is all padding (the bucket's tail) must not move the weights.
             live = jnp.sum(mask) > 0
             kept = {k: jnp.where(live, new[k], carry[k]) for k in carry}
@@ -139,6 +170,8 @@ def train_local(
     weight_decay: float = 0.0,
     seed: int = 0,
     frozen: NumpyParams | None = None,
+    proxy_mu: float = 0.0,
+    w_global: NumpyParams | None = None,
 ) -> tuple[NumpyParams, float, int]:
     """Plain minibatch SGD on softmax cross-entropy from ``params`` over local data ``(x, y)``.
 
@@ -148,6 +181,8 @@ def train_local(
     Returns ``(new_params, mean_loss, samples_used)``: the new weights (numpy, in spec order), the
     mean minibatch loss over the steps, and the number of distinct local samples the steps touched
     (the FedAvg weight). ``frozen`` holds the model's frozen tensors, when it has any.
+    ``proxy_mu`` adds FedProx's ``mu/2 * ||w - w_global||^2`` to every step's loss (see
+    :func:`proximal_step`); ``w_global`` defaults to ``params``, the model the task started from.
     """
     n = int(y.shape[0])
     if n == 0:
@@ -170,9 +205,12 @@ def train_local(
         xs[i, :len(idx)] = x[idx]
         ys[i, :len(idx)] = y[idx]
         masks[i, :len(idx)] = 1.0
+    start = _to_device(model_def.specs, params)
+    # Without an explicit anchor the same device arrays serve as w_global: no extra copy.
+    anchor = start if w_global is None else _to_device(model_def.specs, w_global)
     new, loss_sum, live = trainer.train_steps(
-        _to_device(model_def.frozen_specs, frozen or {}), _to_device(model_def.specs, params), xs, ys, masks,
-        jnp.float32(lr), jnp.float32(weight_decay))
+        _to_device(model_def.frozen_specs, frozen or {}), start, anchor, xs, ys, masks,
+        jnp.float32(lr), jnp.float32(weight_decay), jnp.float32(proxy_mu))
     mean_loss = float(loss_sum) / max(1.0, float(live))
     samples_used = n if epochs > 0 else min(n, steps * b)
     return _to_numpy(model_def, new), mean_loss, samples_used

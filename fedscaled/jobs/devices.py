@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from fedscaled.errors import BadRequest, DeviceNotFound, DeviceRevoked, Unauthorized
-from fedscaled.store.lmdb_store import SEP, Store, WriteBatch, key
+from fedscaled.store import layout
+from fedscaled.store.lmdb_store import Store, WriteBatch
 
 MAX_DEVICE_INFO = 4096
 
@@ -61,18 +62,18 @@ class DeviceDirectory:
         digest = token_hash(token)
         record = {"device_id": device_id, "job": job, "token_hash": digest.hex(), "enrolled_at": time.time(),
                   "info": info}
-        batch = (WriteBatch().put_json("devices", key(job, device_id), record)
-                 .put("tokens", digest, key(job, device_id)))
+        batch = (WriteBatch().put_json(layout.DEVICES_DB, layout.device_key(job, device_id), record)
+                 .put(layout.TOKENS_DB, layout.token_key(digest), layout.token_value(job, device_id)))
         return batch, device_id, token
 
     def committed(self, batch: WriteBatch) -> None:
         """Index the tokens of a committed enrollment batch."""
         for db, k, value in batch.ops:
-            if db == "tokens" and value is not None:
-                job, _, device = bytes(value).partition(SEP)
-                self._by_hash[k] = (job.decode(), device.decode())
-                if job.decode() in self._active:
-                    self._active[job.decode()] += 1
+            if db == layout.TOKENS_DB and value is not None:
+                job, device = layout.token_owner(bytes(value))
+                self._by_hash[k] = (job, device)
+                if job in self._active:
+                    self._active[job] += 1
 
     def authenticate(self, job: str, authorization: str | None) -> str:
         """The device id behind an ``Authorization: Bearer`` header for ``job``; else Unauthorized."""
@@ -82,12 +83,11 @@ class DeviceDirectory:
         digest = token_hash(credentials.strip())
         found = self._by_hash.get(digest)
         if found is None:
-            raw = self.store.get("tokens", digest)
+            raw = self.store.get(layout.TOKENS_DB, layout.token_key(digest))
             if raw is None:
                 raise Unauthorized("unknown device token")
-            job_b, _, device_b = raw.partition(SEP)
-            found = (job_b.decode(), device_b.decode())
-            record = self.store.get_json("devices", key(*found))
+            found = layout.token_owner(raw)
+            record = self.store.get_json(layout.DEVICES_DB, layout.device_key(*found))
             if record is not None and record.get("revoked_at") is not None:
                 self._revoked.add(found)
             self._by_hash[digest] = found
@@ -111,12 +111,12 @@ class DeviceDirectory:
 
     def record(self, job: str, device_id: str) -> dict[str, Any] | None:
         """The stored record of a device, or None."""
-        found: dict[str, Any] | None = self.store.get_json("devices", key(job, device_id))
+        found: dict[str, Any] | None = self.store.get_json(layout.DEVICES_DB, layout.device_key(job, device_id))
         return found
 
     def records(self, job: str) -> list[dict[str, Any]]:
         """Every device record of ``job``, by device id."""
-        return [json.loads(raw) for _, raw in self.store.scan("devices", key(job) + SEP)]
+        return [json.loads(raw) for _, raw in self.store.scan(layout.DEVICES_DB, layout.devices_prefix(job))]
 
     def active_count(self, job: str) -> int:
         """Devices of ``job`` enrolled and not revoked (counted from the store once, then kept)."""
@@ -134,7 +134,7 @@ class DeviceDirectory:
             self._revoked.add((job, device_id))  # known from the store; it was never counted as active
             return None
         record = {**record, "revoked_at": time.time(), "revoked_by": by}
-        return WriteBatch().put_json("devices", key(job, device_id), record)
+        return WriteBatch().put_json(layout.DEVICES_DB, layout.device_key(job, device_id), record)
 
     def revoked(self, job: str, device_id: str) -> None:
         """Note a committed revocation: the device's token now answers 403."""

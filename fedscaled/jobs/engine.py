@@ -7,10 +7,12 @@ device's token, and keeps jobs independent: one job's failure ends only that job
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fedscaled.artifacts import PREBUILT_DIR
@@ -21,23 +23,31 @@ from fedscaled.core.rounds import DeviceStatus, Task
 from fedscaled.errors import (
     DeviceRevoked,
     FedError,
-    InvalidConfig,
     JobFull,
     JobNotActive,
     JobNotFound,
     NoArtifact,
+    Overloaded,
     UnknownModelVersion,
 )
 from fedscaled.jobs.artifacts import Artifact, ArtifactCatalog
+from fedscaled.jobs.async_runner import AsyncRunner
 from fedscaled.jobs.devices import DeviceDirectory
 from fedscaled.jobs.enroll_gate import EnrollGate, EnrollLimits
-from fedscaled.jobs.initial_model import DEFAULT_MAX_MODEL_PARAMS, FROZEN_KEY, initial_model, model_of
-from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry, caller_text
-from fedscaled.jobs.runner import JobRunner, accepted_answer
+from fedscaled.jobs.initial_model import DEFAULT_MAX_MODEL_PARAMS, initial_model, model_of
+from fedscaled.jobs.registry import ACTIVE_STATES, JobRecord, JobRegistry, caller_text
+from fedscaled.jobs.runner import JobRunner, TaskBusy, accepted_answer
 from fedscaled.metrics import Metrics
-from fedscaled.store.lmdb_store import SEP, WriteBatch, key
+from fedscaled.store import layout
+from fedscaled.store.lmdb_store import WriteBatch
 
 log = logging.getLogger("fedscaled.engine")
+
+# A job's driver: synchronous rounds or asynchronous (FedBuff) aggregation; the engine treats both alike.
+Runner = JobRunner | AsyncRunner
+
+# How long a re-sent result waits for its first upload, still arriving, before 503 (a slow phone's upload).
+BUSY_WAIT_SECONDS = 60.0
 
 # Room in an upload body beyond the tensor bytes: the safetensors header (names, shapes, offsets) and
 # metadata. Generous for any zoo model, small enough to refuse junk early.
@@ -57,7 +67,7 @@ class Engine:
         self.devices = DeviceDirectory(self.store)
         self.enroll_gate = EnrollGate()
         self.metrics = metrics or Metrics()
-        self.runners: dict[str, JobRunner] = {}
+        self.runners: dict[str, Runner] = {}
         self.shutting_down = False
         self._pool_budget = [max_pending_checkins]
         self._retiring: set[asyncio.Task[None]] = set()
@@ -74,7 +84,9 @@ class Engine:
                 self._start_runner(record["name"])
 
     def _start_runner(self, name: str) -> None:
-        runner = JobRunner(self.registry, name, self.metrics, self._pool_budget)
+        # Synchronous rounds, or FedBuff's buffered asynchronous aggregation (aggregator_entry: ...async...).
+        kind = AsyncRunner if self.registry.get(name)["mode"] == "async" else JobRunner
+        runner = kind(self.registry, name, self.metrics, self._pool_budget)
         self.runners[name] = runner
         runner.start()
 
@@ -91,15 +103,10 @@ class Engine:
         self.runners.clear()
 
     def _add_initial_model(self, config: JobConfig, batch: WriteBatch) -> None:
-        if config.mode != "sync":
-            # Parsed and recorded (aggregator_entry names FedScale's async aggregator), but this engine runs
-            # synchronous rounds only: refusing beats silently running a different algorithm.
-            raise InvalidConfig("asynchronous mode (aggregator_entry: ...async_aggregator.py) is not supported "
-                                "yet; remove aggregator_entry to run synchronous rounds", key="aggregator_entry")
         initial = initial_model(config, self.store, self.max_model_params)
-        batch.put("models", key(config.name, 0), initial.model_bytes)
+        batch.put(layout.MODELS_DB, layout.model_key(config.name, 0), initial.model_bytes)
         if initial.frozen_bytes is not None:
-            batch.put("models", key(config.name, FROZEN_KEY), initial.frozen_bytes)
+            batch.put(layout.MODELS_DB, layout.frozen_key(config.name), initial.frozen_bytes)
         for note in initial.notes:
             self.registry.log.add(batch, config.name, note)
         artifact_key = artifact_spec.key_of(config)
@@ -116,7 +123,7 @@ class Engine:
                 f"{' or '.join(missing)} are told the job is not for them. Build one with "
                 f"`scripts/build-artifacts.sh JOBFILE --out ARTIFACT_DIR` (docs/mobile.md)", level="WARNING")
 
-    def _state_changed(self, name: str, record: dict[str, Any]) -> None:
+    def _state_changed(self, name: str, record: JobRecord) -> None:
         runner = self.runners.get(name)
         self.enroll_gate.forget(name)
         if record["state"] in ACTIVE_STATES:
@@ -132,7 +139,7 @@ class Engine:
             self.runners.pop(name, None)
             self._retire(runner)
 
-    def _retire(self, runner: JobRunner) -> None:
+    def _retire(self, runner: Runner) -> None:
         """Cancel a runner that no longer drives its job; :meth:`stop` waits for it."""
         retiring = asyncio.get_running_loop().create_task(runner.cancel())
         self._retiring.add(retiring)
@@ -181,7 +188,7 @@ class Engine:
     def frozen_bytes(self, job: str) -> bytes:
         """The job's frozen tensors as safetensors. Raises NoArtifact for a model without any."""
         self.registry.get(job)
-        data = self.store.get("models", key(job, FROZEN_KEY))
+        data = self.store.get(layout.MODELS_DB, layout.frozen_key(job))
         if data is None:
             raise NoArtifact(f"the model of job {job} has no frozen tensors")
         return data
@@ -279,7 +286,7 @@ class Engine:
         """Every device of ``job``: id, enrolled at, last seen (this daemon run), tasks done, state."""
         self.registry.get(job)
         done: dict[str, int] = {}
-        for _, raw in self.store.scan("tasks", key(job) + SEP):
+        for _, raw in self.store.scan(layout.TASKS_DB, layout.tasks_prefix(job)):
             task = json.loads(raw)
             if task.get("done"):
                 done[task["device_id"]] = done.get(task["device_id"], 0) + 1
@@ -300,6 +307,7 @@ class Engine:
         self.devices.check_active(job, device_id)
         runner = self.runners.get(job)
         backend = self._backend_for(job, status)
+        answer: dict[str, Any]
         if runner is None:
             record = self.registry.get(job)
             answer = {"action": "done", "state": record["state"]}
@@ -336,23 +344,76 @@ class Engine:
     def model_bytes(self, job: str, version: int) -> bytes:
         """Weights of a model version as safetensors."""
         runner = self.runners.get(job)
-        data = runner.model_bytes(version) if runner is not None else self.store.get("models", key(job, version))
+        data = (runner.model_bytes(version) if runner is not None
+                else self.store.get(layout.MODELS_DB, layout.model_key(job, version)))
         if data is None:
             self.registry.get(job)
             raise UnknownModelVersion(f"job {job} has no model version {version}", version=version)
         return data
 
-    def reserve(self, job: str, device_id: str, task_id: str, kind: str
-                ) -> tuple[JobRunner | None, Task, dict[str, Any] | None]:
+    def _reserve(self, job: str, device_id: str, task_id: str, kind: str
+                 ) -> tuple[Runner | None, Task, dict[str, Any] | None]:
         """Check a result may be accepted for ``task_id`` now; see :meth:`JobRunner.reserve`."""
         runner = self.runners.get(job)
         if runner is None:
             # Ended job: a re-sent result still gets its earlier answer.
             record = self.registry.get(job)
-            raw = self.store.get_json("tasks", key(job, task_id))
+            raw = self.store.get_json(layout.TASKS_DB, layout.task_key(job, task_id))
             if raw is not None and raw["device_id"] == device_id and raw["done"]:
                 task = Task.from_record(raw)
                 return None, task, accepted_answer(task, duplicate=True)
             raise JobNotActive(f"job {job} is {record['state']}", job=job, state=record["state"])
         task, duplicate = runner.reserve(device_id, task_id, kind)
         return runner, task, duplicate
+
+    @contextlib.asynccontextmanager
+    async def result_slot(self, job: str, device_id: str, task_id: str, kind: str) -> AsyncIterator[ResultSlot]:
+        """Hold the right to deliver ``task_id``'s result while its body arrives; released on exit.
+
+        A result this task already delivered gets its earlier answer (``slot.duplicate``), and a re-send
+        racing its own first upload waits for it, bounded, then answers the same way (invariant 2: the same
+        answer, never counted twice). Raises the refusal (wrong round, expired, unknown task...) otherwise.
+        """
+        reserved: tuple[Runner | None, Task, dict[str, Any] | None] | None = None
+        for _ in range(3):
+            try:
+                reserved = self._reserve(job, device_id, task_id, kind)
+                break
+            except TaskBusy as busy:
+                try:
+                    await asyncio.wait_for(asyncio.shield(busy.done), BUSY_WAIT_SECONDS)
+                except TimeoutError:
+                    break
+        if reserved is None:
+            raise Overloaded("an upload for this task is still being received; retry later", retry_after=5)
+        runner, task, duplicate = reserved
+        slot = ResultSlot(self, job, device_id, runner, task, duplicate)
+        try:
+            yield slot
+        finally:
+            if runner is not None and duplicate is None:
+                runner.release(task_id)
+
+
+class ResultSlot:
+    """One task's reserved result delivery (see :meth:`Engine.result_slot`)."""
+
+    def __init__(self, engine: Engine, job: str, device_id: str, runner: Runner | None, task: Task,
+                 duplicate: dict[str, Any] | None) -> None:
+        self._engine = engine
+        self._job = job
+        self._device_id = device_id
+        self._runner = runner
+        self.task = task
+        self.duplicate = duplicate
+
+    async def accept_update(self, body: memoryview) -> dict[str, Any]:
+        """Validate a training upload and make it durable (not counted if the device was revoked meanwhile)."""
+        assert self._runner is not None and self.duplicate is None
+        self._engine.devices.check_active(self._job, self._device_id)
+        return await self._runner.accept_update(self.task, body)
+
+    async def accept_result(self, body: Any) -> dict[str, Any]:
+        """Validate and persist a test task's result counts."""
+        assert self._runner is not None and self.duplicate is None
+        return await self._runner.accept_result(self.task, body)

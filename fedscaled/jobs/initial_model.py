@@ -20,12 +20,14 @@ from fedscaled.core import codec
 from fedscaled.core.config import JobConfig
 from fedscaled.core.models import ModelDef, TensorSpec, build
 from fedscaled.errors import InvalidConfig
-from fedscaled.store.lmdb_store import Store, key
+from fedscaled.store import layout
+from fedscaled.store.lmdb_store import Store
 
 JOB_PREFIX = "job:"
 # Largest pretrained file read at submit; far above any zoo model (MobileNetV3-Small at width 2 is ~15 MB).
 MAX_PRETRAINED_BYTES = 512 << 20
-FROZEN_KEY = "frozen"
+# The name of a job's frozen tensors in the models database (layout.frozen_key builds the key).
+FROZEN_KEY = layout.FROZEN
 # Default of the daemon option max_model_params: 50 M float32 parameters (200 MB a version) is far above
 # any phone model and keeps one job from taking the daemon's memory and disk.
 DEFAULT_MAX_MODEL_PARAMS = 50_000_000
@@ -60,14 +62,14 @@ def _decode(data: bytes, where: str) -> dict[str, np.ndarray]:
 def _read_source(reference: str, store: Store) -> dict[str, np.ndarray]:
     if reference.startswith(JOB_PREFIX):
         source = reference[len(JOB_PREFIX):]
-        record = store.get_json("jobs", key(source))
+        record = store.get_json(layout.JOBS_DB, layout.job_key(source))
         if record is None:
             raise _fail(f"pretrained names job {source!r}, which does not exist")
-        data = store.get("models", key(source, int(record["model_version"])))
+        data = store.get(layout.MODELS_DB, layout.model_key(source, int(record["model_version"])))
         if data is None:
             raise _fail(f"job {source!r} has no stored model version {record['model_version']}")
         tensors = _decode(data, f"model of job {source}")
-        frozen = store.get("models", key(source, FROZEN_KEY))
+        frozen = store.get(layout.MODELS_DB, layout.frozen_key(source))
         if frozen is not None:
             tensors.update(_decode(frozen, f"frozen tensors of job {source}"))
         return tensors

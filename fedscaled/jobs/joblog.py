@@ -8,14 +8,10 @@ import json
 import time
 from typing import Any
 
-from fedscaled.store.lmdb_store import SEP, Store, WriteBatch, key
+from fedscaled.store import layout
+from fedscaled.store.lmdb_store import Store, WriteBatch
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def event_prefix(job: str) -> bytes:
-    """Key prefix of one job's events."""
-    return key(job) + SEP
 
 
 def format_event(event: dict[str, Any]) -> str:
@@ -35,8 +31,8 @@ class JobLog:
     def next_seq(self, job: str) -> int:
         """The sequence number the next event of ``job`` gets (1-based)."""
         if job not in self._next_seq:
-            last = self._store.scan_keys("events", event_prefix(job))
-            self._next_seq[job] = (int.from_bytes(last[-1][-8:], "big") + 1) if last else 1
+            last = self._store.scan_keys(layout.EVENTS_DB, layout.events_prefix(job))
+            self._next_seq[job] = (layout.event_seq(last[-1]) + 1) if last else 1
         return self._next_seq[job]
 
     def add(self, batch: WriteBatch, job: str, message: str, level: str = "INFO",
@@ -45,7 +41,7 @@ class JobLog:
         seq = self.next_seq(job)
         self._next_seq[job] = seq + 1
         event = {"seq": seq, "ts": time.time(), "level": level, "message": message, **fields}
-        batch.put_json("events", key(job, seq), event)
+        batch.put_json(layout.EVENTS_DB, layout.event_key(job, seq), event)
         return event
 
     def notify(self, job: str) -> None:
@@ -64,7 +60,8 @@ class JobLog:
 
     def read(self, job: str, since: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         """Events with ``seq > since``, oldest first."""
-        rows = self._store.scan("events", event_prefix(job), start=key(job, since + 1), limit=limit)
+        rows = self._store.scan(layout.EVENTS_DB, layout.events_prefix(job), start=layout.event_key(job, since + 1),
+                                limit=limit)
         return [json.loads(v) for _, v in rows]
 
     async def wait(self, job: str, timeout: float) -> None:

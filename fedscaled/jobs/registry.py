@@ -11,18 +11,52 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NotRequired, TypedDict, cast
 
 from fedscaled.core.config import JobConfig, parse_job_text
 from fedscaled.errors import JobExists, JobNotActive, JobNotFound
 from fedscaled.jobs.joblog import JobLog
-from fedscaled.store.lmdb_store import SEP, Store, WriteBatch, key
+from fedscaled.store import layout
+from fedscaled.store.layout import JOB_SCOPED_DBS
+from fedscaled.store.lmdb_store import Store, WriteBatch
 
 ACTIVE_STATES = ("pending", "running")
 ENDED_STATES = ("finished", "stopped", "failed")
 
-# Per-job databases whose keys start with ``job\0``: wiped when a job is replaced.
-JOB_SCOPED_DBS = ("events", "models", "devices", "tasks", "updates", "sums")
+__all__ = ["ACTIVE_STATES", "ENDED_STATES", "JOB_RECORD_KEYS", "JOB_SCOPED_DBS", "JobRecord", "JobRegistry",
+           "caller_text", "status_view"]
+
+
+class JobRecord(TypedDict):
+    """A job's record in the ``jobs`` database (JSON). Nested values are shared between copies: replace
+    them, never mutate them."""
+
+    name: str
+    state: str  # one of ACTIVE_STATES or ENDED_STATES
+    mode: str
+    created_at: float
+    updated_at: float
+    ended_at: float | None
+    round: int  # the round of the open or last phase (0 before the first)
+    rounds: int  # the job's configured number of rounds
+    model_version: int  # the newest model version
+    round_attempt: int  # retries of the current round below quorum
+    completed_rounds: int
+    tested_version: int | None  # the model version last tested
+    phase: dict[str, Any] | None  # the open phase (rounds.Phase.to_record()), None between phases
+    phase_seq: int  # the id of the last phase opened
+    initial_test: dict[str, Any] | None  # the test of model version 0, if the job tests it
+    metrics: list[dict[str, Any]]  # one entry per round
+    reason: str  # why the job ended
+    enrollment_token: str
+    source: str  # where the job file came from
+    config: dict[str, Any]  # JobConfig.to_record()
+    oort: NotRequired[dict[str, Any]]  # Oort's selection state (sample_mode oort)
+    strategy: NotRequired[dict[str, Any]]  # the aggregation strategy's small state
+    privacy: NotRequired[dict[str, Any]]  # differential-privacy accounting
+
+
+JOB_RECORD_KEYS = frozenset(JobRecord.__annotations__)
 
 
 def caller_text(caller: Mapping[str, Any] | None) -> str:
@@ -41,25 +75,31 @@ class JobRegistry:
         # Called with (config, batch) at submit so the round engine can add the initial model.
         self.on_submit: Callable[[JobConfig, WriteBatch], None] | None = None
         # Called with (name, record) after a committed change of a job's state (submitted, ended).
-        self.on_state_change: list[Callable[[str, dict[str, Any]], None]] = []
+        self.on_state_change: list[Callable[[str, JobRecord], None]] = []
         # The newest version of every job record, updated synchronously before its commit is awaited, so
         # that two read-modify-write updates interleaved at an await never lose each other's changes.
-        self._records: dict[str, dict[str, Any]] = {}
+        self._records: dict[str, JobRecord] = {}
 
     # ----- reads
-    def get(self, name: str) -> dict[str, Any]:
-        """A copy of the job record, or JobNotFound. Nested values are shared: replace, never mutate them."""
+    def _stored(self, name: str) -> JobRecord | None:
+        """The newest record of ``name``: the one in memory, else the stored one (not copied)."""
         record = self._records.get(name)
         if record is None:
-            record = self.store.get_json("jobs", key(name))
-            if record is None:
-                raise JobNotFound(f"no job named {name!r}", job=name)
-            self._records[name] = record
-        return dict(record)
+            stored: JobRecord | None = self.store.get_json(layout.JOBS_DB, layout.job_key(name))
+            return stored
+        return record
 
-    def all(self) -> list[dict[str, Any]]:
+    def get(self, name: str) -> JobRecord:
+        """A copy of the job record, or JobNotFound. Nested values are shared: replace, never mutate them."""
+        record = self._stored(name)
+        if record is None:
+            raise JobNotFound(f"no job named {name!r}", job=name)
+        self._records[name] = record
+        return record.copy()
+
+    def all(self) -> list[JobRecord]:
         """Every job record, by name."""
-        return [self.get(k.decode()) for k in self.store.scan_keys("jobs", b"")]
+        return [self.get(layout.job_name(k)) for k in self.store.scan_keys(layout.JOBS_DB, layout.JOBS_PREFIX)]
 
     def config(self, name: str) -> JobConfig:
         """The job's validated config."""
@@ -67,13 +107,13 @@ class JobRegistry:
 
     # ----- changes
     async def submit(self, text: str, *, replace: bool = False, source: str = "",
-                     caller: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     caller: Mapping[str, Any] | None = None) -> JobRecord:
         """Validate a job file and store the job as ``pending``. Raises InvalidConfig, JobExists.
 
         ``caller`` (the operator's uid and pid) is named in the job's log.
         """
         config = parse_job_text(text)
-        existing = self._records.get(config.name) or self.store.get_json("jobs", key(config.name))
+        existing = self._stored(config.name)
         batch = WriteBatch()
         if existing is not None:
             if existing["state"] in ACTIVE_STATES:
@@ -82,12 +122,11 @@ class JobRegistry:
             if not replace:
                 raise JobExists(f"job {config.name!r} exists ({existing['state']}); use --replace to submit "
                                 f"it again", job=config.name)
-            for db in JOB_SCOPED_DBS:
-                batch.delete_prefix(db, key(config.name) + SEP)
+            layout.wipe_job(batch, config.name)
             self._delete_tokens(batch, config.name)
             self.log.forget(config.name)
         now = time.time()
-        record: dict[str, Any] = {
+        record: JobRecord = {
             "name": config.name,
             "state": "pending",
             "mode": config.mode,
@@ -109,7 +148,7 @@ class JobRegistry:
             "source": source,
             "config": config.to_record(),
         }
-        batch.put_json("jobs", key(config.name), record)
+        batch.put_json(layout.JOBS_DB, layout.job_key(config.name), record)
         where = f" from {source}" if source else ""
         where += f" by {caller_text(caller)}" if caller is not None else ""
         self.log.add(batch, config.name, f"Job {config.name} submitted{where}: model {config['model']}, "
@@ -137,19 +176,23 @@ class JobRegistry:
         return record
 
     def _delete_tokens(self, batch: WriteBatch, name: str) -> None:
-        for _, raw in self.store.scan("devices", key(name) + SEP):
+        for _, raw in self.store.scan(layout.DEVICES_DB, layout.devices_prefix(name)):
             device = json.loads(raw)
-            batch.delete("tokens", bytes.fromhex(device["token_hash"]))
+            batch.delete(layout.TOKENS_DB, layout.token_key(bytes.fromhex(device["token_hash"])))
 
-    async def update(self, name: str, changes: dict[str, Any], message: str | None = None,
+    async def update(self, name: str, changes: Mapping[str, Any], message: str | None = None,
                      level: str = "INFO", batch: WriteBatch | None = None,
-                     event_fields: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Apply ``changes`` to the job record (and log ``message``) in one durable commit."""
-        record = self.get(name)
-        record.update(changes)
-        record["updated_at"] = time.time()
+                     event_fields: Mapping[str, Any] | None = None) -> JobRecord:
+        """Apply ``changes`` (keys of :class:`JobRecord`) to the job record (and log ``message``) in one
+        durable commit."""
+        unknown = set(changes) - JOB_RECORD_KEYS
+        if unknown:
+            raise ValueError(f"not keys of a job record: {', '.join(sorted(unknown))}")
+        current = self.get(name)
+        # A TypedDict takes no Mapping[str, Any] update: merge as plain dicts, the keys are checked above.
+        record = cast(JobRecord, {**current, **changes, "updated_at": time.time()})
         batch = batch if batch is not None else WriteBatch()
-        batch.put_json("jobs", key(name), record)
+        batch.put_json(layout.JOBS_DB, layout.job_key(name), record)
         self._records[name] = record
         if message is not None:
             self.log.add(batch, name, message, level, **(event_fields or {}))
@@ -158,29 +201,29 @@ class JobRegistry:
         return record
 
     async def end(self, name: str, state: str, reason: str, level: str = "INFO",
-                  event_fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  event_fields: Mapping[str, Any] | None = None) -> JobRecord:
         """Move an active job to an ended state."""
         record = self.get(name)
         if record["state"] not in ACTIVE_STATES:
             raise JobNotActive(f"job {name!r} is already {record['state']}", job=name, state=record["state"])
         # An ended job never resumes its round: drop the round's stored updates and running sum.
-        batch = (WriteBatch().delete_prefix("updates", key(name) + SEP).delete_prefix("sums", key(name) + SEP))
+        batch = layout.drop_round_state(WriteBatch(), name)
         record = await self.update(name, {"state": state, "reason": reason, "ended_at": time.time(), "phase": None},
                                    f"Job {name} {state}: {reason}", level=level, batch=batch,
                                    event_fields={"state": state, **(event_fields or {})})
         self._changed(name, record)
         return record
 
-    def _changed(self, name: str, record: dict[str, Any]) -> None:
+    def _changed(self, name: str, record: JobRecord) -> None:
         for listener in self.on_state_change:
             listener(name, record)
 
-    async def stop(self, name: str, caller: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def stop(self, name: str, caller: Mapping[str, Any] | None = None) -> JobRecord:
         """Stop an active job (operator request; ``caller`` is named in the job's log)."""
         by = f" ({caller_text(caller)})" if caller is not None else ""
         return await self.end(name, "stopped", f"stopped by the operator{by}", event_fields=caller)
 
-    async def rotate_token(self, name: str, caller: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def rotate_token(self, name: str, caller: Mapping[str, Any] | None = None) -> JobRecord:
         """Give the job a new random enrollment token: the old one enrolls no more devices, devices already
         enrolled keep their own tokens. Durable and logged (without the token) in one commit."""
         record = self.get(name)
@@ -198,10 +241,10 @@ class JobRegistry:
 
     def enrolled_devices(self, name: str) -> int:
         """How many devices enrolled in the job."""
-        return self.store.count("devices", key(name) + SEP)
+        return self.store.count(layout.DEVICES_DB, layout.devices_prefix(name))
 
 
-def status_view(record: dict[str, Any]) -> dict[str, Any]:
+def status_view(record: JobRecord) -> dict[str, Any]:
     """The public view of a job record (``fedscalectl status JOB --json``)."""
     config = record["config"]["values"]
     return {

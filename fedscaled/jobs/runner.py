@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from fedscaled.core import aggregate, codec, rounds
+from fedscaled.core import aggregate, codec, privacy, rounds
 from fedscaled.core.config import JobConfig
-from fedscaled.core.oort import DeviceStats, OortState, select_oort, update_stats
+from fedscaled.core.oort import DeviceStats, update_stats
 from fedscaled.core.results import test_result, update_metadata
 from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Phase, Task
+from fedscaled.core.selection import selector_for
+from fedscaled.core.strategies import strategy_for
 from fedscaled.errors import (
     JobNotActive,
     Overloaded,
@@ -33,12 +35,14 @@ from fedscaled.errors import (
     WrongRound,
     WrongTaskKind,
 )
-from fedscaled.jobs.durable_sum import DurableSum
+from fedscaled.jobs import server_state
+from fedscaled.jobs.aggregation import RoundAggregator, RoundSpec, StoredUpdates, drop_round, open_round
+from fedscaled.jobs.durable_sum import FoldPlan
 from fedscaled.jobs.initial_model import model_of
-from fedscaled.jobs.registry import ACTIVE_STATES, JobRegistry
-from fedscaled.jobs.robust import robust_aggregate
+from fedscaled.jobs.registry import ACTIVE_STATES, JobRecord, JobRegistry
 from fedscaled.metrics import Metrics
-from fedscaled.store.lmdb_store import SEP, WriteBatch, key
+from fedscaled.store import layout
+from fedscaled.store.lmdb_store import WriteBatch
 
 log = logging.getLogger("fedscaled.jobs")
 
@@ -73,7 +77,11 @@ def accepted_answer(task: Task, duplicate: bool) -> dict[str, Any]:
 class JobRunner:
     """Drives one job from pending to finished."""
 
-    def __init__(self, registry: JobRegistry, name: str, metrics: Metrics, pool_limit: list[int]) -> None:
+    def __init__(self, registry: JobRegistry, name: str, metrics: Metrics, pool_limit: list[int],
+                 clock: Callable[[], float] = time.time) -> None:
+        # Wall-clock time for every round rule (deadlines, selection windows, task ages): a parameter so that
+        # tests can move time instead of sleeping through it.
+        self.clock = clock
         self.registry = registry
         self.store = registry.store
         self.name = name
@@ -86,28 +94,26 @@ class JobRunner:
         # most uploads decode in place (see codec.decode_update).
         self.specs = codec.wire_order(self.model.specs)
         self.num_params = self.model.num_params
+        self.strategy = strategy_for(self.config.values)
+        self.selector = selector_for(self.config)
         self.pool: dict[str, Waiter] = {}
         self.phase: Phase | None = None
         self.tasks: dict[str, Task] = {}
         self.by_device: dict[str, str] = {}
-        self.sum: DurableSum | None = None  # the open training phase's FedAvg sum (aggregator fedavg)
-        # Oort's view of each device (utility and speed of its last accepted update), rebuilt from the
-        # stored task records at start.
+        self.round: RoundAggregator | None = None  # the open training phase's uploads
+        # The selector's view of each device (utility and speed of its last accepted update), rebuilt from
+        # the stored task records at start (kept only for selectors that read it: Oort).
         self.device_stats: dict[str, DeviceStats] = {}
-        self.accepted = 0
-        self.committing = 0  # results whose durable commit is under way (robust and test paths)
+        self.committing = 0  # test results whose durable commit is under way
         self.sealed = False  # the open phase takes no more results (it is closing)
         self.receiving: dict[str, asyncio.Future[None]] = {}  # task id -> resolves when its upload is handled
         self.closing = False
-        self.loss_sum = 0.0
-        self.loss_weight = 0.0
         self.test_results: list[dict[str, Any]] = []
         self._explained: tuple[Any, ...] | None = None  # the last "cannot open" picture logged
         self.wake = asyncio.Event()
         self.shutting_down = False
         self.started_at = record["created_at"]
         self._task: asyncio.Task[None] | None = None
-        self._aggregation: asyncio.Future[FloatArray] | None = None
         self._latest: tuple[int, bytes] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -125,10 +131,10 @@ class JobRunner:
                 await self._task
         # Commits and aggregation already under way finish before the store may close.
         with contextlib.suppress(Exception):
-            if self.sum is not None:
-                await asyncio.wait_for(self.sum.drain(), DRAIN_SECONDS)
-            if self._aggregation is not None:
-                await asyncio.wait_for(asyncio.shield(self._aggregation), DRAIN_SECONDS)
+            if self.round is not None:
+                await asyncio.wait_for(self.round.drain(), DRAIN_SECONDS)
+                if isinstance(self.round, StoredUpdates):
+                    await asyncio.wait_for(self.round.wait_aggregation(), DRAIN_SECONDS)
 
     def ended(self, state: str) -> None:
         """The job ended (stop from the operator): tell waiting devices, stop the loop."""
@@ -169,34 +175,31 @@ class JobRunner:
         self.metrics.pool.labels(self.name).set(0)
 
     # ------------------------------------------------------------------ restore
+    @property
+    def accepted(self) -> int:
+        """Updates accepted in the open training phase."""
+        return self.round.accepted if self.round is not None else 0
+
     def _restore(self) -> None:
-        if self.config["sample_mode"] == "oort":
-            done = [Task.from_record(json.loads(raw)) for _, raw in self.store.scan("tasks", key(self.name) + SEP)]
+        if self.selector.uses_stats:
+            done = [Task.from_record(json.loads(raw))
+                    for _, raw in self.store.scan(layout.TASKS_DB, layout.tasks_prefix(self.name))]
             for task in sorted((t for t in done if t.done and t.kind == TRAIN), key=lambda t: t.round):
                 self._record_device_stats(task, task.result)
         record = self.registry.get(self.name)
         if record.get("phase") is None:
             return
-        phase = Phase.from_record(record["phase"])
+        phase = Phase.from_record(cast(dict[str, Any], record["phase"]))
         self.phase = phase
         for task_id in phase.task_ids:
-            raw = self.store.get_json("tasks", key(self.name, task_id))
+            raw = self.store.get_json(layout.TASKS_DB, layout.task_key(self.name, task_id))
             if raw is None:
                 continue
             task = Task.from_record(raw)
             self.tasks[task_id] = task
             self.by_device[task.device_id] = task_id
         if phase.kind == TRAIN:
-            self._reset_sums(phase.phase_id)
-            if self.streaming:
-                self.sum = DurableSum.restore(self.store, self.name, phase.phase_id, self.specs)
-                self._sync_counts()
-            else:
-                prefix = key(self.name, phase.phase_id)
-                for k in self.store.scan_keys("updates", prefix):
-                    stored = self.tasks.get(k[len(prefix):].decode())
-                    if stored is not None and stored.done:
-                        self._count(stored, self._weight(stored, stored.result))
+            self.round = open_round(self.store, self._round_spec(phase), list(self.tasks.values()), restore=True)
             log.info("job %s: resumed round %d with %d accepted updates", self.name, phase.round, self.accepted)
         else:
             self.test_results = [t.result for t in self.tasks.values() if t.done]
@@ -208,7 +211,7 @@ class JobRunner:
                 record = self.registry.get(self.name)
                 if record["state"] not in ACTIVE_STATES:
                     return
-                now = time.time()
+                now = self.clock()
                 if self.phase is None:
                     plan = rounds.next_plan(self.config, record["completed_rounds"], record["tested_version"])
                     if plan.kind == "finish":
@@ -287,7 +290,7 @@ class JobRunner:
             view["phase"] = {"kind": self.phase.kind, "round": self.phase.round, "chosen": len(self.tasks),
                              "answered": sum(1 for t in self.tasks.values() if t.done), "accepted": done,
                              "target": self.phase.target, "in_flight": self.inflight,
-                             "deadline_in": round(max(0.0, self.phase.deadline - time.time()), 1)}
+                             "deadline_in": round(max(0.0, self.phase.deadline - self.clock()), 1)}
         return view
 
     def _selection_timeout(self, now: float) -> float:
@@ -304,18 +307,21 @@ class JobRunner:
         return (done >= self.phase.target or everyone) and self.inflight == 0
 
     # ------------------------------------------------------------------ opening a phase
-    async def _open(self, plan: rounds.Plan, record: dict[str, Any], now: float) -> None:
+    async def _open(self, plan: rounds.Plan, record: JobRecord, now: float) -> None:
         self._check_mine()
         planned, target, quorum = rounds.phase_sizes(self.config, plan.kind)
         phase_id = int(record["phase_seq"]) + 1
         seed = int(self.config["sample_seed"]) * 1_000_003 + phase_id
-        oort_changes: dict[str, Any] = {}
-        if self.config["sample_mode"] == "oort" and plan.kind == TRAIN:
-            state = (OortState.from_record(record["oort"]) if record.get("oort") else OortState.initial(self.config))
-            chosen, state = select_oort(self._eligible_pool(plan.kind), planned, self.device_stats, state,
-                                        plan.round, self.config, seed)
-            oort_changes["oort"] = state.to_record()
+        selector_changes: dict[str, Any] = {}
+        if plan.kind == TRAIN:
+            # The selector's state is kept in the job record under its sample_mode (status shows Oort's).
+            mode = str(self.config["sample_mode"])
+            chosen, state = self.selector.select(self._eligible_pool(plan.kind), planned, self.device_stats,
+                                                 cast(dict[str, Any], record).get(mode), plan.round, seed)
+            if state is not None:
+                selector_changes[mode] = state
         else:
+            # Test tasks go to a uniform sample: an evaluation must not favour the devices a selector likes.
             chosen = rounds.select(self._eligible_pool(plan.kind), planned, seed)
         attempt = int(record["round_attempt"])
         deadline = now + float(self.config["round_deadline"])
@@ -329,7 +335,7 @@ class JobRunner:
                         kind=plan.kind, round=plan.round, model_version=plan.model_version, issued_at=now,
                         deadline=deadline, device_samples=self.pool[device_id].status.num_samples)
             tasks[task.task_id] = task
-            batch.put_json("tasks", key(self.name, task.task_id), task.to_record())
+            batch.put_json(layout.TASKS_DB, layout.task_key(self.name, task.task_id), task.to_record())
         phase.task_ids = list(tasks)
         # Take the chosen out of the pool before the commit's await: their check-ins may time out meanwhile
         # (and must not find, or return budget for, a waiter that is gone). They are answered after it.
@@ -338,7 +344,7 @@ class JobRunner:
         what = "training" if plan.kind == TRAIN else f"testing model v{plan.model_version}"
         retry = f" (attempt {attempt + 1})" if attempt else ""
         changes = {"phase": phase.to_record(), "phase_seq": phase_id, "round": plan.round, "state": "running",
-                   **oort_changes}
+                   **selector_changes}
         if record["state"] == "pending":
             self.registry.log.add(batch, self.name, f"Job {self.name} running")
         await self.registry.update(self.name, changes,
@@ -352,8 +358,7 @@ class JobRunner:
         self.test_results = []
         self.closing = False
         self.sealed = False
-        if plan.kind == TRAIN:
-            self._reset_sums(phase_id)
+        self.round = open_round(self.store, self._round_spec(phase)) if plan.kind == TRAIN else None
         self.metrics.round.labels(self.name).set(plan.round)
         for waiter, task in zip(chosen_waiters, tasks.values(), strict=True):
             if not waiter.answer.done():
@@ -370,24 +375,32 @@ class JobRunner:
                                       "retry_after": window})
         self._clear_pool()
 
-    @property
-    def streaming(self) -> bool:
-        """FedAvg folds each update as it arrives; robust aggregators read the stored updates at close."""
-        return bool(self.config["aggregator"] == "fedavg")
+    def _global_flat(self, version: int) -> FloatArray:
+        """Model ``version`` as one float32 vector in the daemon's flat order."""
+        data = self.model_bytes(version)
+        if data is None:
+            raise RuntimeError(f"job {self.name}: model v{version} is not in the store")
+        flat: FloatArray = codec.decode_update(data, self.specs, check_finite=False).flat
+        return flat
 
-    def _reset_sums(self, phase_id: int) -> None:
-        self.sum = DurableSum(self.store, self.name, phase_id, self.specs) if self.streaming else None
-        self.accepted = 0
-        self.loss_sum = 0.0
-        self.loss_weight = 0.0
+    def _round_spec(self, phase: Phase) -> RoundSpec:
+        """How the training phase aggregates: the strategy, clipping and the model it started from."""
+        base = aggregate.to_device(np.array(self._global_flat(phase.model_version), dtype=np.float32))
+        plan = FoldPlan(strategy=self.strategy, global_model=base,
+                        learning_rate=rounds.learning_rate(self.config, phase.round),
+                        clip_norm=float(self.config["clip_norm"]))
+        return RoundSpec(job=self.name, phase_id=phase.phase_id, specs=tuple(self.specs), plan=plan,
+                         aggregator=str(self.config["aggregator"]), trim_fraction=float(self.config["trim_fraction"]),
+                         krum_f=int(self.config["krum_f"]))
 
     def task_answer(self, task: Task) -> dict[str, Any]:
         """The check-in answer that hands ``task`` to its device."""
-        now = time.time()
+        now = self.clock()
         if task.kind == TRAIN:
             config = {"learning_rate": rounds.learning_rate(self.config, task.round),
                       "local_steps": self.config["local_steps"], "epochs": self.config["epochs"],
-                      "batch_size": self.config["batch_size"], "weight_decay": self.config["weight_decay"]}
+                      "batch_size": self.config["batch_size"], "weight_decay": self.config["weight_decay"],
+                      **self.strategy.task_config()}
         else:
             config = {"test_bsz": self.config["test_bsz"]}
         body = {"task_id": task.task_id, "kind": task.kind, "round": task.round,
@@ -406,7 +419,7 @@ class JobRunner:
         if self._task is not None and self._task.done():
             # The loop died and could not even record the failure: do not hold devices for nothing.
             return {"action": "done", "state": "failed"}
-        now = time.time()
+        now = self.clock()
         if self.phase is not None and device_id in self.by_device:
             task = self.tasks[self.by_device[device_id]]
             if not task.done and now < task.deadline and not self.closing:
@@ -431,7 +444,7 @@ class JobRunner:
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.answer), float(self.config["checkin_wait"]))
         except TimeoutError:
-            busy = self.phase.deadline - time.time() if self.phase is not None else None
+            busy = self.phase.deadline - self.clock() if self.phase is not None else None
             return {"action": "wait", "reason": "round_in_progress" if self.phase is not None else "no_round",
                     "retry_after": rounds.retry_window(self.config, busy)}
         finally:
@@ -446,7 +459,7 @@ class JobRunner:
         task = self.tasks.get(task_id)
         if task is not None and task.device_id == device_id:
             return task, True
-        raw = self.store.get_json("tasks", key(self.name, task_id))
+        raw = self.store.get_json(layout.TASKS_DB, layout.task_key(self.name, task_id))
         if raw is None or raw["device_id"] != device_id:
             raise UnknownTask(f"no task {task_id!r} was issued to this device", task_id=task_id)
         return Task.from_record(raw), False
@@ -472,7 +485,7 @@ class JobRunner:
         if not current or self.phase is None or self.closing:
             raise WrongRound(f"round {task.round} has closed; the result of task {task_id} came too late",
                              task_id=task_id, round=task.round)
-        if time.time() >= task.deadline:
+        if self.clock() >= task.deadline:
             raise TaskExpired(f"the deadline of task {task_id} has passed", task_id=task_id,
                               deadline=task.deadline)
         done = self.accepted if kind == TRAIN else len(self.test_results)
@@ -510,7 +523,7 @@ class JobRunner:
         record = {**task.to_record(), "done": True, "result": result}
         self.committing += 1
         try:
-            await self.store.commit(batch.put_json("tasks", key(self.name, task.task_id), record))
+            await self.store.commit(batch.put_json(layout.TASKS_DB, layout.task_key(self.name, task.task_id), record))
         finally:
             self.committing -= 1
         task.result = result
@@ -518,32 +531,27 @@ class JobRunner:
 
     async def accept_update(self, task: Task, body: memoryview) -> dict[str, Any]:
         """Validate a training upload of a reserved task and make it durable; then it counts."""
-        # FedAvg checks the values while folding them (durable_sum); robust aggregators check them here.
-        decoded = codec.decode_update(body, self.specs, check_finite=self.sum is None)
+        aggregator = self.round
+        if aggregator is None:
+            raise WrongRound(f"round {task.round} closed while the result of task {task.task_id} was arriving",
+                             task_id=task.task_id, round=task.round)
+        # The streaming mean checks the values while folding them (durable_sum); others are checked here.
+        decoded = codec.decode_update(body, self.specs, check_finite=not aggregator.checks_values)
         result = update_metadata(decoded.metadata)
         self._check_open(task)
-        weight = self._weight(task, result)
-        if self.sum is not None:
-            # FedAvg: folded into the running sum, which is committed with the task (durable_sum).
-            await self.sum.add(task, decoded.flat, weight, result)
-            self._sync_counts()
-        else:
-            # Robust aggregators need every update at close: store it, with its task, in one commit.
-            await self._commit_done(task, result, WriteBatch().put(
-                "updates", key(self.name, task.phase_id, task.task_id), decoded.flat.data))
-            self._count(task, weight)
+        await aggregator.add(task, decoded.flat, self._weight(task, result), result)
         self._record_device_stats(task, result)
         self.metrics.upload_bytes.labels(self.name).inc(len(body))
         return accepted_answer(task, duplicate=False)
 
     def _record_device_stats(self, task: Task, result: dict[str, Any]) -> None:
         """Oort's statistics of the device from an accepted update: its utility and how long it took."""
-        if self.config["sample_mode"] != "oort":
+        if not self.selector.uses_stats:
             return
         # A device that reports no utility is scored by its loss times its samples (Oort's utility grows
         # with both); a missing duration is the time from the task's issue to now.
         utility = float(result.get("utility", float(result["loss"]) * int(result["samples"])))
-        duration = float(result.get("duration", max(0.0, time.time() - task.issued_at)))
+        duration = float(result.get("duration", max(0.0, self.clock() - task.issued_at)))
         self.device_stats[task.device_id] = update_stats(self.device_stats, task.device_id, utility, duration,
                                                           task.round)
 
@@ -554,16 +562,6 @@ class JobRunner:
         samples = int(result["samples"])
         # Never trust a phone's claim beyond what it reported when it was selected.
         return float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
-
-    def _count(self, task: Task, weight: float) -> None:
-        """Count an accepted update of a robust-aggregator round, and its loss into the mean."""
-        self.accepted += 1
-        self.loss_sum += float(task.result["loss"]) * weight
-        self.loss_weight += weight
-
-    def _sync_counts(self) -> None:
-        assert self.sum is not None
-        self.accepted, self.loss_sum, self.loss_weight = self.sum.accepted, self.sum.loss_sum, self.sum.loss_weight
 
     async def accept_result(self, task: Task, body: Any) -> dict[str, Any]:
         """Validate and persist a test task's result counts."""
@@ -577,7 +575,7 @@ class JobRunner:
         return accepted_answer(task, duplicate=False)
 
     # ------------------------------------------------------------------ closing a phase
-    async def _close(self, record: dict[str, Any]) -> None:
+    async def _close(self, record: JobRecord) -> None:
         assert self.phase is not None
         self._check_mine()
         phase = self.phase
@@ -588,8 +586,8 @@ class JobRunner:
         drain_until = time.monotonic() + DRAIN_SECONDS
         while self.committing > 0 and time.monotonic() < drain_until:
             await self._sleep(0.02)
-        if self.sum is not None:
-            await self.sum.drain()
+        if self.round is not None:
+            await self.round.drain()
         if phase.kind == TRAIN:
             await self._close_training(phase, record)
         else:
@@ -597,12 +595,12 @@ class JobRunner:
         self.phase = None
         self.tasks = {}
         self.by_device = {}
+        self.round = None
         self.closing = False
 
-    async def _close_training(self, phase: Phase, record: dict[str, Any]) -> None:
-        wall = time.time() - self.started_at
-        batch = (WriteBatch().delete_prefix("updates", key(self.name, phase.phase_id))
-                 .delete_prefix("sums", key(self.name, phase.phase_id)))
+    async def _close_training(self, phase: Phase, record: JobRecord) -> None:
+        wall = self.clock() - self.started_at
+        batch = drop_round(WriteBatch(), self.name, phase.phase_id)
         if self.accepted < phase.quorum:
             attempt = phase.attempt + 1
             self.metrics.rounds.labels(self.name, TRAIN, "below_quorum").inc()
@@ -619,43 +617,60 @@ class JobRunner:
                 f"retrying the round", level="WARNING", batch=batch)
             return
         began = time.monotonic()
-        if self.sum is not None:
-            await self.sum.drain()
-            new_flat = np.asarray(aggregate.fedavg_result(self.sum.state))
-            self.sum = None
-        else:
-            keys = self.store.scan_keys("updates", key(self.name, phase.phase_id))
-            # CPU-bound over k stored updates: off the event loop, so devices keep being answered. Kept
-            # so that a shutdown waits for it before closing the store it reads.
-            self._aggregation = asyncio.get_running_loop().run_in_executor(None, functools.partial(
-                robust_aggregate, self.store, keys, self.num_params, self.config["aggregator"],
-                trim_fraction=float(self.config["trim_fraction"]), krum_f=int(self.config["krum_f"])))
-            new_flat = await asyncio.shield(self._aggregation)
-            self._check_mine()
+        aggregator = self.round
+        assert aggregator is not None
+        combined = await aggregator.combined()
+        self._check_mine()
         version = phase.model_version + 1
+        model = combined.model
+        changes: dict[str, Any] = {}
+        noise = float(self.config["noise_multiplier"])
+        if noise > 0:
+            # Central differential privacy: Gaussian noise on the combined model, calibrated to the clip norm.
+            std = privacy.noise_std(noise, float(self.config["clip_norm"]), combined.max_weight,
+                                    combined.total_weight)
+            model = privacy.add_gaussian_noise(model, privacy.fresh_key(), float(std))
+            changes["privacy"] = self._privacy_after(record)
+        base = aggregator.spec.plan.global_model
+        state = (server_state.load(self.store, self.name, phase.model_version, self.strategy, base)
+                 if self.strategy.stateful else None)
+        new_model, opt_state = self.strategy.server_step(state, base, model)
+        new_flat = np.asarray(new_model)
+        if not np.isfinite(new_flat).all():
+            raise RuntimeError(f"round {phase.round}: the server step produced non-finite weights")
+        if opt_state is not None:
+            server_state.put(batch, self.name, version, opt_state)
         model_bytes = codec.encode_model(new_flat, self.specs)
-        batch.put("models", key(self.name, version), model_bytes)
+        batch.put(layout.MODELS_DB, layout.model_key(self.name, version), model_bytes)
         retention = int(self.config["model_retention"])
         if retention > 0 and version - retention >= 0:
-            batch.delete("models", key(self.name, version - retention))
-        loss = self.loss_sum / self.loss_weight if self.loss_weight > 0 else None
+            batch.delete(layout.MODELS_DB, layout.model_key(self.name, version - retention))
+        loss = aggregator.loss_sum / aggregator.loss_weight if aggregator.loss_weight > 0 else None
         entry = {"round": phase.round, "participants": self.accepted, "planned": phase.planned,
-                 "train_loss": loss, "model_version": version, "duration": round(time.time() - phase.opened_at, 3),
+                 "train_loss": loss, "model_version": version, "duration": round(self.clock() - phase.opened_at, 3),
                  "test_accuracy": None, "test_loss": None}
         metrics = [*record["metrics"], entry]
         # Cached before the record names it: status never shows a version that cannot be downloaded.
         self._latest = (version, model_bytes)
         await self.registry.update(
             self.name, {"phase": None, "round_attempt": 0, "completed_rounds": phase.round, "model_version": version,
-                        "metrics": metrics},
+                        "metrics": metrics, **changes},
             rounds.fedscale_round_line(phase.round, wall, phase.planned, self.accepted, loss), batch=batch,
             event_fields={"round": phase.round, "participants": self.accepted, "train_loss": loss})
         self.metrics.close_seconds.observe(time.monotonic() - began)
         self.metrics.rounds.labels(self.name, TRAIN, "closed").inc()
 
-    async def _close_testing(self, phase: Phase, record: dict[str, Any]) -> None:
+    def _privacy_after(self, record: JobRecord) -> dict[str, Any]:
+        """The (epsilon, delta) spent once this round's noisy model is released."""
+        noised = int((record.get("privacy") or {}).get("rounds", 0)) + 1
+        noise, delta = float(self.config["noise_multiplier"]), float(self.config["dp_delta"])
+        spent = privacy.epsilon_spent(noise, noised, delta)
+        return privacy.PrivacySpent(epsilon=spent, delta=delta, rounds=noised, noise_multiplier=noise,
+                                    clip_norm=float(self.config["clip_norm"])).to_record()
+
+    async def _close_testing(self, phase: Phase, record: JobRecord) -> None:
         merged = rounds.merge_test_results(self.test_results)
-        wall = time.time() - self.started_at
+        wall = self.clock() - self.started_at
         if merged is None:
             self.metrics.rounds.labels(self.name, TEST, "no_results").inc()
             await self.registry.update(self.name, {"phase": None, "tested_version": phase.model_version},
@@ -679,7 +694,7 @@ class JobRunner:
                                    event_fields={"round": phase.round, "model_version": phase.model_version,
                                                  **summary})
 
-    async def _finish(self, record: dict[str, Any]) -> None:
+    async def _finish(self, record: JobRecord) -> None:
         last = next((m for m in reversed(record["metrics"]) if m.get("test_accuracy") is not None), None)
         accuracy = f", final test accuracy {100 * last['test_accuracy']:.2f}%" if last else ""
         await self.registry.end(self.name, "finished", f"{record['completed_rounds']} rounds done{accuracy}")
@@ -690,7 +705,7 @@ class JobRunner:
         """Stored weights of ``version`` (the latest is cached in memory)."""
         if self._latest is not None and self._latest[0] == version:
             return self._latest[1]
-        data = self.store.get("models", key(self.name, version))
+        data = self.store.get(layout.MODELS_DB, layout.model_key(self.name, version))
         if data is not None and version == self.registry.get(self.name)["model_version"]:
             self._latest = (version, data)
         return data

@@ -14,19 +14,17 @@ from aiohttp import web
 
 from fedscaled import __version__, faults
 from fedscaled.core import codec
-from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Task
+from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus
 from fedscaled.errors import (
     BadRequest,
     FedError,
     InvalidTensor,
     NoArtifact,
-    Overloaded,
     PayloadTooLarge,
     UnknownModelVersion,
 )
 from fedscaled.http_errors import Handler, error_middleware, json_object
 from fedscaled.jobs.engine import Engine
-from fedscaled.jobs.runner import JobRunner, TaskBusy
 from fedscaled.server.body_pool import BodyPool, Raw
 from fedscaled.server.deadlines import BodyTimeouts, body_deadline
 from fedscaled.server.openapi import openapi_document
@@ -192,24 +190,6 @@ async def frozen_weights(request: web.Request) -> web.Response:
     return _cached(request, data, str(reference.get("sha256", "")), "application/octet-stream", immutable=False)
 
 
-BUSY_WAIT_SECONDS = 60.0
-
-
-async def reserve(engine: Engine, job: str, device_id: str, task_id: str, kind: str
-                  ) -> tuple[JobRunner | None, Task, dict[str, Any] | None]:
-    """Reserve a result slot; a re-send racing its own first upload waits for it and then answers
-    as a duplicate (invariant 2: the same answer, never counted twice)."""
-    for _ in range(3):
-        try:
-            return engine.reserve(job, device_id, task_id, kind)
-        except TaskBusy as busy:
-            try:
-                await asyncio.wait_for(asyncio.shield(busy.done), BUSY_WAIT_SECONDS)
-            except TimeoutError:
-                break
-    raise Overloaded("an upload for this task is still being received; retry later", retry_after=5)
-
-
 async def read_body(request: web.Request, limit: int, pool: BodyPool, held: list[Raw],
                     timeouts: BodyTimeouts | None = None) -> memoryview:
     """Stream the request body into one buffer from ``pool`` (no chunk list, no join).
@@ -300,17 +280,15 @@ async def _upload(request: web.Request) -> web.Response:
         raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds this job's limit of {limit}",
                               limit=limit)
     task_id = request.match_info["task_id"]
-    runner, task, duplicate = await reserve(engine, job, device_id, task_id, TRAIN)
-    if duplicate is not None or runner is None:
-        engine.metrics.uploads.labels(job, "duplicate").inc()
-        return web.json_response(duplicate)
-    try:
+    async with engine.result_slot(job, device_id, task_id, TRAIN) as slot:
+        if slot.duplicate is not None:
+            engine.metrics.uploads.labels(job, "duplicate").inc()
+            return web.json_response(slot.duplicate)
         began = time.perf_counter()
         held: list[Raw] = []
         try:
             body = await read_body(request, limit, request.app[BODY_POOL_KEY], held, request.app[BODY_TIMEOUTS_KEY])
-            engine.devices.check_active(job, device_id)  # revoked while its body was arriving: not counted
-            answer = await runner.accept_update(task, body)
+            answer = await slot.accept_update(body)  # not counted if the device was revoked meanwhile
             faults.kill_if("kill_after_upload_commit")  # tests only: a crash between the commit and the answer
         except asyncio.CancelledError:
             held.clear()  # a queued fold may still read this body: never hand it to another upload
@@ -320,8 +298,6 @@ async def _upload(request: web.Request) -> web.Response:
             for raw in held:
                 request.app[BODY_POOL_KEY].release(raw)
         engine.metrics.ingest_seconds.observe(time.perf_counter() - began)
-    finally:
-        runner.release(task_id)
     engine.metrics.uploads.labels(job, "accepted").inc()
     return web.json_response(answer)
 
@@ -332,14 +308,11 @@ async def _result(request: web.Request) -> web.Response:
     engine = _engine(request)
     body = await _json(request)
     task_id = request.match_info["task_id"]
-    runner, task, duplicate = await reserve(engine, job, device_id, task_id, TEST)
-    if duplicate is not None or runner is None:
-        engine.metrics.results.labels(job, "duplicate").inc()
-        return web.json_response(duplicate)
-    try:
-        answer = await runner.accept_result(task, body)
-    finally:
-        runner.release(task_id)
+    async with engine.result_slot(job, device_id, task_id, TEST) as slot:
+        if slot.duplicate is not None:
+            engine.metrics.results.labels(job, "duplicate").inc()
+            return web.json_response(slot.duplicate)
+        answer = await slot.accept_result(body)
     engine.metrics.results.labels(job, "accepted").inc()
     return web.json_response(answer)
 

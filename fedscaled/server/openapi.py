@@ -27,7 +27,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "unauthorized: missing or wrong token",
         403: "device_revoked: the operator revoked this device; stop using its token",
         404: "job_not_found, unknown_task, unknown_model_version or no_artifact",
-        409: "job_not_active, wrong_round, wrong_task_kind or (enroll) job_full",
+        409: "job_not_active, wrong_round, stale_update (asynchronous jobs), wrong_task_kind or (enroll) job_full",
         410: "task_expired: the task's deadline passed",
         413: "payload_too_large: body above the job's limit",
         422: "invalid_tensor or invalid_metadata",

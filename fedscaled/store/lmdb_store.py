@@ -1,22 +1,9 @@
 """The LMDB store: the only module that opens LMDB.
 
-It stores bytes and small JSON records; it knows nothing of rounds or aggregation. Layout (named
-databases, keys are bytes):
-
-=========  ==================================  =========================================
-database   key                                 value
-=========  ==================================  =========================================
-meta       ``schema_version``                  ``b"1"``
-jobs       job name                            job record (JSON)
-events     job ``\\0`` seq (u64 BE)              event record (JSON)
-models     job ``\\0`` version (u64 BE)          model weights (safetensors bytes)
-devices    job ``\\0`` device id                 device record (JSON; token stored hashed)
-tokens     token hash                          job ``\\0`` device id
-tasks      job ``\\0`` task id                   task record (JSON)
-updates    job ``\\0`` phase (u64 BE) task id    accepted update (robust aggregators): raw float32
-sums       job ``\\0`` phase (u64 BE) ``acc``    FedAvg running sum of the open phase: raw float32
-sums       job ``\\0`` phase (u64 BE) ``meta``   its weight, loss sums and accepted count (JSON)
-=========  ==================================  =========================================
+It stores bytes and small JSON records in named databases; it knows nothing of rounds or aggregation.
+Which database holds what, under which key, is :mod:`fedscaled.store.layout` (the one place keys are
+spelled); this module gives the mechanics: :func:`key` builds composite keys, :class:`WriteBatch` collects
+puts and deletes, :class:`Store` applies them and reads.
 
 Every write goes through :meth:`Store.commit`, one synced transaction, on one writer thread (LMDB write
 transactions must stay on one OS thread). ``MapFullError`` grows the map and retries.
@@ -49,7 +36,8 @@ FULL_LOG_INTERVAL = 60.0
 FULL_RETRY_AFTER = 30
 
 SCHEMA_VERSION = 1
-DATABASES = ("meta", "jobs", "events", "models", "devices", "tokens", "tasks", "updates", "sums")
+# The named databases; fedscaled.store.layout says what each holds.
+DATABASES = ("meta", "jobs", "events", "models", "devices", "tokens", "tasks", "updates", "sums", "strategy")
 INITIAL_MAP_SIZE = 1 << 30  # 1 GiB: sparse on Linux, grows on demand
 # Group commit bounds: enough to fold a burst of uploads into one fsync, small enough that one
 # transaction stays short and a failure retries little.

@@ -35,7 +35,8 @@ import org.json.JSONObject;
  *   <li>{@code wait}: sleep a uniformly random time in {@code retry_after}'s window;</li>
  *   <li>{@code train}: weights of {@code model_version} (ETag cache), the artifact of
  *       {@code task.artifact.backend} and {@code task.frozen} (SHA-256 cache), {@code local_steps} (or
- *       {@code epochs} passes) through {@link LocalTrainer}, checking {@link SchedulingPolicy#shouldAbort}
+ *       {@code epochs} passes) through {@link LocalTrainer} (FedProx's proximal term when the config's
+ *       {@code proxy_mu} is above 0), checking {@link SchedulingPolicy#shouldAbort}
  *       before every step (an aborted task uploads nothing), then the upload with {@code samples},
  *       {@code loss} and {@code duration};</li>
  *   <li>{@code test}: evaluate every local test sample, post the counts;</li>
@@ -522,6 +523,7 @@ public final class Client {
         int epochs = cfg.optInt("epochs", 0);
         int batch = cfg.optInt("batch_size", 32);
         float wd = (float) cfg.optDouble("weight_decay", 0.0);
+        float proxyMu = taskProxyMu(cfg); // FedProx; 0 (plain SGD) for older daemons
         Map<String, Tensor> weights = trainable(protocol, version);
         Map<String, Tensor> frozen = protocol.frozen(task.optJSONObject("frozen"));
         LocalTrainer.Outcome out;
@@ -537,8 +539,9 @@ public final class Client {
             listener.onTaskStarted("train", task);
             started = System.nanoTime();
             Random taskRng = new Random(config.seed * 1_000_003L + tasksDone++);
-            out = LocalTrainer.train(backend, b, frozen, weights, trainData, lr, wd, localSteps, epochs, taskRng,
-                    () -> stopping || policy.shouldAbort(deviceState));
+            // wGlobal null: the downloaded weights themselves anchor the proximal term (no copy).
+            out = LocalTrainer.train(backend, b, frozen, weights, trainData, lr, wd, proxyMu, null, localSteps,
+                    epochs, taskRng, () -> stopping || policy.shouldAbort(deviceState));
         }
         if (out.aborted) {
             stats.aborted.incrementAndGet();
@@ -559,6 +562,22 @@ public final class Client {
         JSONObject answer = protocol.uploadUpdate(taskId, upload, out.samplesUsed, out.meanLoss, duration);
         listener.onTaskFinished(new TaskReport("train", taskId, task.optInt("round"), version, backend.name(),
                 Collections.unmodifiableList(upload), out.samplesUsed, out.meanLoss, null, duration, answer));
+    }
+
+    /**
+     * FedProx's {@code mu} of a train task's config: {@code proxy_mu}, 0 when absent or null (daemons that
+     * predate it). A negative, non-finite or non-numeric value is refused: a negative mu would push the
+     * weights away from the global model instead of pulling them toward it.
+     */
+    static float taskProxyMu(JSONObject cfg) {
+        if (cfg == null || !cfg.has("proxy_mu") || cfg.isNull("proxy_mu")) {
+            return 0f;
+        }
+        double mu = cfg.optDouble("proxy_mu", Double.NaN);
+        if (Double.isNaN(mu) || Double.isInfinite(mu) || mu < 0.0) {
+            throw new IllegalArgumentException("proxy_mu must be a finite number >= 0, got " + cfg.opt("proxy_mu"));
+        }
+        return (float) mu;
     }
 
     private void doTest(JSONObject task) throws Exception {

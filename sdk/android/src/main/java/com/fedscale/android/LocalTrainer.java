@@ -20,6 +20,11 @@ import java.util.Random;
  *   <li>mean loss: the mean of the steps' losses; samples used (the FedAvg weight): {@code n} when
  *       {@code epochs > 0}, else {@code min(n, steps · B)};</li>
  *   <li>test: consecutive batches of the test batch size, the last padded with mask 0, sums added up.</li>
+ *   <li>FedProx (a task's {@code proxy_mu}): after every step, {@code new -= lr * mu * (w - wGlobal)}, with
+ *       {@code w} the weights the step started from and {@code wGlobal} the model the task started from
+ *       ({@link #proximalStep}). Every backend's step is plain SGD evaluated at {@code w}, so this is exactly
+ *       the SGD step on {@code loss + mu/2 * ||w - wGlobal||^2}, for every backend and without changing the
+ *       artifacts ({@code train.proximal_step} in the reference runtime).</li>
  * </ul>
  *
  * The permutation comes from {@link java.util.Random}, not numpy: the plan's shape is the same, the order
@@ -84,14 +89,69 @@ public final class LocalTrainer {
     }
 
     /**
-     * Train {@code trainable} (by name, in the model's order) with {@code backend} on {@code data}.
+     * FedProx's correction of one SGD step: {@code after - lr * mu * (before - global)}, in float arithmetic
+     * (the same operations as the reference runtime's {@code train.proximal_step}).
      *
-     * @param frozen frozen tensors (empty for most models), passed to every step unchanged
-     * @param batchSize the backend's fixed train batch size
+     * <p>{@code after} is what a plain SGD step made of {@code before}; the result is the SGD step on
+     * {@code loss + mu/2 * ||w - global||^2}, whose gradient {@code mu * (w - global)} pulls the weights back
+     * toward the global model for {@code mu > 0}. Returns {@code after} itself when {@code mu == 0}; never
+     * writes into its arguments (a new tensor otherwise).
+     */
+    public static Tensor proximalStep(Tensor after, Tensor before, Tensor global, float lr, float mu) {
+        if (mu == 0f) {
+            return after;
+        }
+        float[] a = after.data();
+        float[] b = before.data();
+        float[] g = global.data();
+        if (b.length != a.length || g.length != a.length) {
+            throw new IllegalArgumentException(after.name() + ": proximal step over tensors of "
+                    + a.length + ", " + b.length + " and " + g.length + " values");
+        }
+        float scale = lr * mu;
+        float[] out = new float[a.length];
+        for (int i = 0; i < a.length; i++) {
+            out[i] = a[i] - scale * (b[i] - g[i]);
+        }
+        return new Tensor(after.name(), after.shape(), out);
+    }
+
+    /**
+     * Train {@code trainable} (by name, in the model's order) with {@code backend} on {@code data}: plain
+     * SGD, no proximal term. See {@link #train(Backend, int, Map, Map, Dataset, float, float, float, Map, int,
+     * int, Random, AbortCheck)}.
      */
     public static Outcome train(Backend backend, int batchSize, Map<String, Tensor> frozen,
                                 Map<String, Tensor> trainable, Dataset data, float lr, float wd, int localSteps,
                                 int epochs, Random rng, AbortCheck abort) throws Exception {
+        return train(backend, batchSize, frozen, trainable, data, lr, wd, 0f, null, localSteps, epochs, rng, abort);
+    }
+
+    /**
+     * Train {@code trainable} (by name, in the model's order) with {@code backend} on {@code data}.
+     *
+     * @param frozen frozen tensors (empty for most models), passed to every step unchanged
+     * @param batchSize the backend's fixed train batch size
+     * @param proxyMu FedProx's {@code mu} (the task's {@code proxy_mu}; 0 for plain SGD): every step is
+     *     followed by {@link #proximalStep} toward {@code wGlobal}
+     * @param wGlobal the global model of the proximal term, by name; null for {@code trainable} itself, the
+     *     model the task started from (kept by reference, not copied: one model's memory, already held)
+     */
+    public static Outcome train(Backend backend, int batchSize, Map<String, Tensor> frozen,
+                                Map<String, Tensor> trainable, Dataset data, float lr, float wd, float proxyMu,
+                                Map<String, Tensor> wGlobal, int localSteps, int epochs, Random rng,
+                                AbortCheck abort) throws Exception {
+        if (Float.isNaN(proxyMu) || Float.isInfinite(proxyMu)) {
+            throw new IllegalArgumentException("proxy_mu must be finite, got " + proxyMu);
+        }
+        Map<String, Tensor> anchor = wGlobal == null ? trainable : wGlobal;
+        if (proxyMu != 0f) {
+            for (String name : trainable.keySet()) {
+                if (anchor.get(name) == null) {
+                    throw new IllegalArgumentException("the global model lacks tensor " + name);
+                }
+            }
+        }
         int n = data.size();
         if (n == 0) {
             throw new IllegalArgumentException("no local training samples");
@@ -128,6 +188,8 @@ public final class LocalTrainer {
                 if (t == null) {
                     throw new IllegalStateException(backend.name() + " step returned no tensor " + name);
                 }
+                // The backend's step is plain SGD at current: the proximal term's gradient is added after it.
+                t = proximalStep(t, current.get(name), anchor.get(name), lr, proxyMu);
                 current.put(name, t);
                 weights.put(name, t);
             }
