@@ -134,3 +134,59 @@ def test_explicit_num_classes_wins_over_data_set() -> None:
     text = FEDSCALE_STYLE.format(model="mlp").replace("    - data_set: femnist\n",
                                                       "    - data_set: femnist\n    - num_classes: 10\n")
     assert parse_job_text(text)["num_classes"] == 10
+
+
+POLICY_FILE = """\
+ps_ip: localhost
+exp_path: $FEDSCALE_HOME/fedscale/cloud
+{entry}job_conf:
+  - job_name: {name}
+  - model: {model}
+  - gradient_policy: {policy}  # {{"fed-yogi", "fed-prox", "fed-avg"}}
+  - yogi_eta: 3e-3
+  - yogi_tau: 1e-8
+  - yogi_beta: 0.9
+  - yogi_beta2: 0.99
+  - proxy_mu: 0.1
+  - qfed_q: 1.0
+  - eval_interval: 30
+  - use_cuda: False
+"""
+
+
+@pytest.mark.parametrize("policy", ["fed-yogi", "yogi", "fed-prox", "prox", "q-fedavg", "qfedavg", "fed-avg"])
+def test_fedscale_files_naming_a_policy_are_refused_for_their_model_never_the_policy(policy: str) -> None:
+    from fedscaled.core.strategies import canonical
+
+    text = POLICY_FILE.format(entry="", name="bench", model="resnet34", policy=policy)
+    with pytest.raises(InvalidConfig) as refused:
+        parse_job_text(text)
+    assert refused.value.details.get("key") == "model", refused.value
+    config = parse_job_text(POLICY_FILE.format(entry="", name="bench", model="cnn", policy=policy))
+    assert config["gradient_policy"] == policy and canonical(policy) in ("fed-yogi", "fed-prox", "q-fedavg",
+                                                                         "fed-avg")
+    assert config.mode == "sync"
+
+
+def test_fedbuff_file_runs_in_async_mode() -> None:
+    text = POLICY_FILE.format(entry="aggregator_entry: aggregation/async_aggregator.py\n", name="fedbuff",
+                                 model="cnn", policy="fed-yogi")
+    config = parse_job_text(text)
+    assert config.mode == "async"
+    assert config["max_staleness"] == 5 and config["async_buffer"] == 0
+
+
+def test_strategy_combinations_that_cannot_work_are_refused_with_the_key() -> None:
+    base = "job_conf:\n  - job_name: j\n"
+    cases = {
+        "  - gradient_policy: q-fedavg\n  - aggregator: median\n": "aggregator",
+        "  - noise_multiplier: 1.0\n  - weighting: uniform\n": "noise_multiplier",
+        "  - noise_multiplier: 1.0\n  - clip_norm: 1.0\n": "weighting",
+        "  - noise_multiplier: 1.0\n  - clip_norm: 1.0\n  - weighting: uniform\n  - aggregator: median\n": "noise_multiplier",
+    }
+    for extra, key in cases.items():
+        with pytest.raises(InvalidConfig) as refused:
+            parse_job_text(base + extra)
+        assert refused.value.details.get("key") == key, (extra, refused.value)
+    ok = parse_job_text(base + "  - noise_multiplier: 1.0\n  - clip_norm: 1.0\n  - weighting: uniform\n")
+    assert ok["noise_multiplier"] == 1.0

@@ -235,12 +235,12 @@ def test_healthz(daemon: DaemonProcess) -> None:
         assert json.loads(response.read())["status"] == "ok"
 
 
-def test_async_and_impossible_models_are_refused_without_state_change(daemon: DaemonProcess, tmp_path: Path) -> None:
+def test_impossible_models_are_refused_without_state_change(daemon: DaemonProcess, tmp_path: Path) -> None:
     async_job = write_job(tmp_path, "async", "aggregator_entry: aggregation/async_aggregator.py\n"
-                          + MINIMAL.format(name="async"))
+                          + MINIMAL.format(name="async") + "  - clip_norm: 1.0\n")
     result = ctl(daemon.socket_path, "submit", str(async_job))
     assert result.returncode == 2
-    assert "asynchronous mode" in result.stderr
+    assert "clip_norm and noise_multiplier are for synchronous rounds" in result.stderr
     tiny_cnn = write_job(tmp_path, "tiny", "job_conf:\n  - job_name: tiny\n  - model: cnn\n  - input_shape: 2 2 1\n")
     result = ctl(daemon.socket_path, "submit", str(tiny_cnn))
     assert result.returncode == 2

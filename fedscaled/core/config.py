@@ -159,9 +159,9 @@ JOB_KEYS: dict[str, KeySpec] = {
                      minimum=0.0, exclusive_min=True),
     "clip_norm": _k("float", 0.0, "Clip each update's distance to the global model to this L2 norm (0: off). Any "
                     "strategy.", minimum=0.0),
-    "noise_multiplier": _k("float", 0.0, "Central differential privacy: Gaussian noise of std noise_multiplier * "
-                           "clip_norm * (largest weight / total weight) on each round's model (0: off; needs "
-                           "clip_norm).", minimum=0.0),
+    "noise_multiplier": _k("float", 0.0, "Central differential privacy: Gaussian noise of std 2 * noise_multiplier * "
+                           "clip_norm / (updates in the round) on each round's model (0: off; needs clip_norm and "
+                           "weighting uniform).", minimum=0.0),
     "dp_delta": _k("float", 1e-5, "Central differential privacy: the delta of the (epsilon, delta) reported.",
                    minimum=0.0, maximum=1.0, exclusive_min=True),
     "aggregator": _k("choice", "fedavg", "How a round's updates are combined: fedavg (weighted mean, streamed as "
@@ -577,6 +577,10 @@ def _check_cross_fields(values: dict[str, Any], mode: str = "sync") -> None:
         if values["clip_norm"] <= 0:
             raise InvalidConfig("noise_multiplier needs clip_norm > 0: the noise is calibrated to the clip norm",
                                 key="noise_multiplier")
+        if values["weighting"] != "uniform":
+            raise InvalidConfig("noise_multiplier needs weighting: uniform, so that one device's share of the mean "
+                                "(and so the noise it calls for) is bounded whatever the devices claim",
+                                key="weighting")
         if values["aggregator"] != "fedavg" or not strategy.mean_based:
             raise InvalidConfig(f"differential privacy (noise_multiplier) is calibrated for a weighted mean of the "
                                 f"updates; aggregator {values['aggregator']} with gradient_policy "

@@ -123,6 +123,12 @@ def _print_job(job: dict[str, Any]) -> None:
     print(f"{'created:':18} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(job['created_at']))}")
     if job["ignored_keys"]:
         print(f"{'ignored keys:':18} {', '.join(job['ignored_keys'])}")
+    print(f"{'strategy:':18} {job.get('strategy', 'fed-avg')}")
+    privacy = job.get("privacy")
+    if privacy:
+        epsilon = "unbounded" if privacy["epsilon"] is None else f"{privacy['epsilon']:.3f}"
+        print(f"{'privacy spent:':18} epsilon {epsilon} at delta {privacy['delta']:g} over {privacy['rounds']} noised "
+              f"rounds (noise multiplier {privacy['noise_multiplier']:g}, clip norm {privacy['clip_norm']:g})")
     live = job.get("live")
     if live:
         print(f"{'waiting devices:':18} {live['waiting']} (eligible to train {live['eligible']['train']}, "
@@ -130,6 +136,11 @@ def _print_job(job: dict[str, Any]) -> None:
         for kind in ("train", "test"):
             for reason, count in sorted(live["ineligible"][kind].items()):
                 print(f"{'':18} {count} may not {kind}: {reason}")
+        buffered = live.get("async")
+        if buffered:
+            print(f"{'async:':18} model v{buffered['model_version']}, {buffered['training']}/"
+                  f"{buffered['max_concurrency']} training, buffer {buffered['buffered']}/{buffered['buffer_size']}"
+                  + (f", evaluating v{buffered['testing']}" if buffered["testing"] is not None else ""))
         phase = live["phase"]
         if phase:
             print(f"{'phase:':18} round {phase['round']} {phase['kind']}: {phase['chosen']} chosen, "

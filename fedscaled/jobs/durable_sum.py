@@ -236,13 +236,9 @@ class DurableSum:
     def mean(self) -> jax.Array:
         """The weighted mean of the folded uploads, clipping's global-model share included."""
         if self.base_weight > 0 and self.plan is not None:
-            mean: jax.Array = _mean_with_base(self.state.acc, self.state.weight, jnp.float32(self.base_weight),
-                                              self.plan.global_model)
+            mean: jax.Array = privacy.clipped_fedavg_result(self.state, jnp.float32(self.base_weight),
+                                                            self.plan.global_model)
             return mean
         result: jax.Array = aggregate.fedavg_result(self.state)
         return result
 
-
-@jax.jit
-def _mean_with_base(acc: jax.Array, weight: jax.Array, base_weight: jax.Array, base: jax.Array) -> jax.Array:
-    return (acc + base_weight * base) / (weight + base_weight)

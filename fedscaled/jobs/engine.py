@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fedscaled.artifacts import PREBUILT_DIR
@@ -59,8 +59,9 @@ class Engine:
 
     def __init__(self, registry: JobRegistry, *, max_pending_checkins: int = 20000,
                  metrics: Metrics | None = None, artifacts: ArtifactCatalog | None = None,
-                 max_model_params: int = DEFAULT_MAX_MODEL_PARAMS) -> None:
+                 max_model_params: int = DEFAULT_MAX_MODEL_PARAMS, clock: Callable[[], float] = time.time) -> None:
         self.registry = registry
+        self.clock = clock  # the round rules' wall clock, handed to every runner (tests move it)
         self.max_model_params = max_model_params
         self.artifacts = artifacts if artifacts is not None else ArtifactCatalog([PREBUILT_DIR])
         self.store = registry.store
@@ -86,7 +87,7 @@ class Engine:
     def _start_runner(self, name: str) -> None:
         # Synchronous rounds, or FedBuff's buffered asynchronous aggregation (aggregator_entry: ...async...).
         kind = AsyncRunner if self.registry.get(name)["mode"] == "async" else JobRunner
-        runner = kind(self.registry, name, self.metrics, self._pool_budget)
+        runner = kind(self.registry, name, self.metrics, self._pool_budget, clock=self.clock)
         self.runners[name] = runner
         runner.start()
 

@@ -268,6 +268,9 @@ def status_view(record: JobRecord) -> dict[str, Any]:
         "phase": record["phase"],
         "initial_test": record["initial_test"],
         "oort": record.get("oort"),  # Oort's selection state (sample_mode oort): exploration, pacer, blacklist
+        # Central differential privacy spent so far (noise_multiplier > 0): epsilon at delta, noised rounds.
+        "privacy": record.get("privacy"),
+        "strategy": config["gradient_policy"],
         "metrics": record["metrics"],
         "config": config,
     }
