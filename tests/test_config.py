@@ -182,7 +182,8 @@ def test_strategy_combinations_that_cannot_work_are_refused_with_the_key() -> No
         "  - gradient_policy: q-fedavg\n  - aggregator: median\n": "aggregator",
         "  - noise_multiplier: 1.0\n  - weighting: uniform\n": "noise_multiplier",
         "  - noise_multiplier: 1.0\n  - clip_norm: 1.0\n": "weighting",
-        "  - noise_multiplier: 1.0\n  - clip_norm: 1.0\n  - weighting: uniform\n  - aggregator: median\n": "noise_multiplier",
+        "  - noise_multiplier: 1.0\n  - clip_norm: 1.0\n  - weighting: uniform\n  - aggregator: median\n":
+            "noise_multiplier",
     }
     for extra, key in cases.items():
         with pytest.raises(InvalidConfig) as refused:

@@ -18,6 +18,7 @@ from fedscaled.core.rounds import DeviceStatus
 from fedscaled.jobs.engine import Engine
 from fedscaled.jobs.joblog import JobLog
 from fedscaled.jobs.registry import JobRegistry
+from fedscaled.jobs.runner import JobRunner
 from fedscaled.store.lmdb_store import open_store
 
 PHONE = DeviceStatus(battery=80, charging=True, idle=True, unmetered=True, free_storage_mb=500, num_samples=10,
@@ -80,6 +81,7 @@ def test_selection_window_and_deadline_follow_the_injected_clock(tmp_path: Path)
             token = registry.get("clocked")["enrollment_token"]
             devices = [(await engine.enroll("clocked", token, {}))["device_id"] for _ in range(2)]
             runner = engine.runners["clocked"]
+            assert isinstance(runner, JobRunner)
             # Two devices wait for a test of v0 that wants three: the selection window (600 s) holds the phase.
             checkins = [asyncio.ensure_future(engine.checkin("clocked", d, PHONE)) for d in devices]
             await wait_until(lambda: len(runner.pool) == 2, "two devices in the pool")
