@@ -17,7 +17,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from tests.daemon_proc import DaemonProcess, ctl
-from tests.proto_client import GOOD_STATE, ProtoClient, Reply
+from tests.proto_client import ProtoClient, Reply
 
 ASYNC_ENTRY = "aggregator_entry: fedscale/cloud/aggregation/async_aggregator.py\n"
 

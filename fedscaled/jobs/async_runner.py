@@ -363,10 +363,13 @@ class AsyncRunner:
         if self._task is not None and self._task.done():
             return {"action": "done", "state": "failed"}
         now = self.clock()
+        self._expire(now)  # expired tasks free their max_concurrency slots now, not at the loop's next tick
         current = self.by_device.get(device_id)
         if current is not None:
             task = self.tasks[current]
-            if now < task.deadline:
+            # A training task staler than max_staleness can never be accepted: a new one, not the same back.
+            if now < task.deadline and not (task.kind == TRAIN
+                                            and self._staleness(task) > int(self.config["max_staleness"])):
                 return self.task_answer(task)
             self._untrack(task)
         version = int(record["model_version"])
