@@ -67,7 +67,14 @@ def test_provoked_errors_are_documented_route_by_route(daemon: DaemonProcess, tm
     _check(result, "post", client.post_result("doc", bearer, task, {"samples": -1}))  # 422
     _check(result, "post", client.post_result("doc", bearer, task, {"samples": 2, "correct_top1": 1,
                                                                     "correct_top5": 1, "loss_sum": 1.0}))  # 200
+    abandon = "/v1/jobs/{job}/tasks/{task_id}/abandon"
+    given_up = client.request("POST", f"/v1/jobs/doc/tasks/{task}/abandon", token=bearer)
+    _check(abandon, "post", given_up)  # 200, abandoned false: its result was delivered
+    assert given_up.body == {"task_id": task, "abandoned": False, "reason": "result_delivered"}
+    _check(abandon, "post", client.request("POST", "/v1/jobs/doc/tasks/t-unknown/abandon", token=bearer))  # 404
+    _check(abandon, "post", client.request("POST", "/v1/jobs/doc/tasks/t-unknown/abandon", token="wrong"))  # 401
     # The job stopped: enroll answers 409 job_not_active.
     assert ctl(daemon.socket_path, "stop", "doc").returncode == 0
     _check(enroll, "post", client.enroll("doc", token))
+    _check(abandon, "post", client.request("POST", f"/v1/jobs/doc/tasks/{task}/abandon", token=bearer))  # 409
 

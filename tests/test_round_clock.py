@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import save as st_save
 
 from fedscaled.core import codec
 from fedscaled.core.rounds import DeviceStatus
+from fedscaled.errors import TaskExpired
 from fedscaled.jobs.engine import Engine
 from fedscaled.jobs.joblog import JobLog
 from fedscaled.jobs.registry import JobRegistry
@@ -122,3 +124,62 @@ def test_selection_window_and_deadline_follow_the_injected_clock(tmp_path: Path)
     began = time.monotonic()
     asyncio.run(scenario())
     assert time.monotonic() - began < 30  # two hours of round rules, no sleeping through them
+
+
+PACED = JOB.replace("  - min_participants: 2\n", "  - min_participants: 1\n").replace("rounds: 1", "rounds: 2")
+
+
+def test_a_round_closes_when_every_chosen_device_answered_or_gave_up(tmp_path: Path) -> None:
+    """Three devices chosen for a round of three; two upload and one gives its task up: the round closes
+    at once (its deadline is an hour away), the upload after giving up is refused, and the device whose
+    upload closed the round is chosen for the next one."""
+
+    async def scenario() -> None:
+        clock = Clock()
+        store = open_store(tmp_path / "data")
+        registry = JobRegistry(store, JobLog(store))
+        engine = Engine(registry, clock=clock)
+        await engine.start()
+        try:
+            await registry.submit(PACED.replace("eval_interval: 1000", "eval_interval: 1000\n  - test_participants: 1"
+                                                ).replace("  - test_participants: 3\n", ""))
+            token = registry.get("clocked")["enrollment_token"]
+            devices = [(await engine.enroll("clocked", token, {}))["device_id"] for _ in range(3)]
+            runner = engine.runners["clocked"]
+            assert isinstance(runner, JobRunner)
+            # v0's test goes to one device; it answers.
+            first = await asyncio.wait_for(engine.checkin("clocked", devices[0], PHONE), 5)
+            assert first["action"] == "test", first
+            async with engine.result_slot("clocked", devices[0], first["task"]["task_id"], "test") as slot:
+                await slot.accept_result({"samples": 10, "correct_top1": 5, "correct_top5": 10, "loss_sum": 9.0})
+            await wait_until(lambda: registry.get("clocked")["tested_version"] == 0, "v0's test to close")
+            checkins = [asyncio.ensure_future(engine.checkin("clocked", d, PHONE)) for d in devices]
+            answers = await asyncio.wait_for(asyncio.gather(*checkins), 5)  # a full pool opens at once
+            assert [a["action"] for a in answers] == ["train"] * 3, answers
+            tasks = [a["task"]["task_id"] for a in answers]
+            model = engine.model_bytes("clocked", 0)
+            for device, task_id, shift in ((devices[0], tasks[0], 1.0), (devices[1], tasks[1], 3.0)):
+                async with engine.result_slot("clocked", device, task_id, "train") as slot:
+                    await slot.accept_update(memoryview(upload_body(engine, model, shift)))
+            await asyncio.sleep(0.2)
+            assert registry.get("clocked")["model_version"] == 0, "closed before the third device answered"
+            given_up = await engine.abandon("clocked", devices[2], tasks[2])
+            assert given_up == {"task_id": tasks[2], "abandoned": True, "duplicate": False}
+            assert (await engine.abandon("clocked", devices[2], tasks[2]))["duplicate"] is True
+            await wait_until(lambda: registry.get("clocked")["model_version"] == 1, "the round to close")
+            with pytest.raises(TaskExpired):
+                async with engine.result_slot("clocked", devices[2], tasks[2], "train"):
+                    pass
+            # The device whose upload closed the round (devices[1]) takes part in round 2.
+            pending = asyncio.ensure_future(engine.checkin("clocked", devices[1], PHONE))
+            await wait_until(lambda: devices[1] in runner.pool, "the device in the pool for round 2")
+            clock.now += 601  # alone in the pool: the selection window opens round 2 with it
+            runner.wake.set()
+            again = await asyncio.wait_for(pending, 5)
+            assert again["action"] == "train" and again["task"]["round"] == 2, again
+        finally:
+            engine.begin_shutdown()
+            await engine.stop()
+            store.close()
+
+    asyncio.run(scenario())

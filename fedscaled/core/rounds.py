@@ -87,6 +87,7 @@ class Task:
     deadline: float
     device_samples: int = 0  # samples the device reported when selected: caps its FedAvg weight
     done: bool = False
+    abandoned: bool = False  # the device gave the task up (it will not deliver a result)
     result: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:

@@ -41,7 +41,8 @@ log = logging.getLogger("fedscaled.device")
 NumpyParams = dict[str, np.ndarray]
 
 # Codes after which a task is simply dropped and the device checks in again (protocol.md, upload).
-DROP_TASK_CODES = frozenset({errors.WrongRound.code, errors.TaskExpired.code, errors.UnknownTask.code})
+DROP_TASK_CODES = frozenset({errors.WrongRound.code, errors.TaskExpired.code, errors.UnknownTask.code,
+                             errors.StaleUpdate.code})
 # Codes after which the device stops working for this job.
 JOB_OVER_CODES = frozenset({errors.JobNotActive.code, errors.JobNotFound.code})
 
@@ -106,6 +107,7 @@ class ClientStats:
     duplicates: int = 0
     dropped_tasks: int = 0
     vanished: int = 0
+    abandoned: int = 0  # tasks this device gave up (it could not do them)
     poisoned: int = 0
     downloads: int = 0
     cache_hits: int = 0
@@ -402,6 +404,14 @@ class DeviceClient:
             headers={"Content-Type": "application/octet-stream"})
         return answer
 
+    async def abandon(self, task_id: str) -> None:
+        """Give a task up (best effort: a daemon that is away lets it expire at its deadline instead)."""
+        try:
+            await self.request_json("POST", f"/v1/jobs/{self.job}/tasks/{task_id}/abandon")
+            self.stats.abandoned += 1
+        except (ProtocolError, ServerUnavailable) as exc:
+            log.info("device %s: could not give task %s up: %s", self.device_id, task_id, exc)
+
     async def post_result(self, task_id: str, counts: train.TestCounts, duration: float) -> dict[str, Any]:
         """``POST .../tasks/{task_id}/result`` with test counts and sums."""
         answer: dict[str, Any] = await self.request_json(
@@ -453,18 +463,23 @@ class DeviceClient:
         """Download the task's model version, train locally, upload (or vanish/sleep, by behaviour)."""
         task_id, version = str(task["task_id"]), int(task["model_version"])
         config = task.get("config", {})
-        proxy_mu = task_proxy_mu(config)  # FedProx; 0 (plain FedAvg-style SGD) for older daemons
-        params = await self._weights(version)
-        backend, frozen = await self._engine(task)
-        started = time.monotonic()
-        seed = self.seed * 1_000_003 + self._tasks_done
-        self._tasks_done += 1
-        new, loss, samples = await self._compute(lambda: backend.train(
-            frozen, params, self.data.x_train, self.data.y_train,
-            lr=float(config.get("learning_rate", 0.05)), local_steps=int(config.get("local_steps", 20)),
-            batch_size=int(config.get("batch_size", 32)), epochs=int(config.get("epochs", 0) or 0),
-            weight_decay=float(config.get("weight_decay", 0.0) or 0.0), seed=seed,
-            proxy_mu=proxy_mu))
+        try:
+            proxy_mu = task_proxy_mu(config)  # FedProx; 0 (plain FedAvg-style SGD) for older daemons
+            params = await self._weights(version)
+            backend, frozen = await self._engine(task)
+            started = time.monotonic()
+            seed = self.seed * 1_000_003 + self._tasks_done
+            self._tasks_done += 1
+            new, loss, samples = await self._compute(lambda: backend.train(
+                frozen, params, self.data.x_train, self.data.y_train,
+                lr=float(config.get("learning_rate", 0.05)), local_steps=int(config.get("local_steps", 20)),
+                batch_size=int(config.get("batch_size", 32)), epochs=int(config.get("epochs", 0) or 0),
+                weight_decay=float(config.get("weight_decay", 0.0) or 0.0), seed=seed,
+                proxy_mu=proxy_mu))
+        except (ProtocolError, ValueError, ArithmeticError):
+            # This device cannot do the task: say so, so that the round does not wait for it until its deadline.
+            await self.abandon(task_id)
+            raise
         duration = time.monotonic() - started
         self.stats.trained += 1
         if self.rng.random() < self.behaviour.dropout:

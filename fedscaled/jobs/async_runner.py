@@ -40,6 +40,7 @@ from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Task
 from fedscaled.core.strategies import strategy_for
 from fedscaled.errors import (
     JobNotActive,
+    Overloaded,
     StaleUpdate,
     TaskExpired,
     UnknownTask,
@@ -110,6 +111,7 @@ class AsyncRunner:
         self._latest: tuple[int, bytes] | None = None
         self._bases: dict[int, FloatArray] = {}
         self._applying: asyncio.Future[None] | None = None
+        self._incoming: dict[int, int] = {}  # updates being folded (not yet committed), by buffer
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -156,13 +158,17 @@ class AsyncRunner:
         now = self.clock()
         for _, raw in self.store.scan(layout.TASKS_DB, layout.tasks_prefix(self.name)):
             task = Task.from_record(json.loads(raw))
-            if not task.done and task.deadline > now:
+            if not task.done and not task.abandoned and task.deadline > now:
                 self._track(task)
         # The open buffer produces version + 1; a full one whose apply did not commit may be followed by
-        # the next, already filling.
-        for produces in (version + 1, version + 2):
+        # later ones, already filling (an update goes to the oldest buffer with room).
+        self.buffers[version + 1] = DurableSum.restore(self.store, self.name, version + 1, self.specs)
+        prefix = layout.sums_prefix(self.name)
+        stored = {int.from_bytes(k[len(prefix):len(prefix) + 8], "big")
+                  for k in self.store.scan_keys(layout.SUMS_DB, prefix)}
+        for produces in sorted(p for p in stored if p > version + 1):
             buffer = DurableSum.restore(self.store, self.name, produces, self.specs)
-            if produces == version + 1 or buffer.accepted > 0:
+            if buffer.accepted > 0:
                 self.buffers[produces] = buffer
         if self._test_due(record):
             self._open_test(version, now)
@@ -194,6 +200,10 @@ class AsyncRunner:
                 now = self.clock()
                 self._expire(now)
                 version = int(record["model_version"])
+                if self.test_version is None and self._test_due(record):
+                    # Before applying the next buffer, which may be full already: this version is evaluated.
+                    self._open_test(version, now)
+                    continue
                 full = self.buffers.get(version + 1)
                 if full is not None and full.accepted >= self.size and version < int(self.config["rounds"]):
                     await self._apply(record, full)
@@ -202,9 +212,6 @@ class AsyncRunner:
                     if len(self.test_results) >= self._test_target() or now >= self.test_deadline:
                         await self._close_test(record)
                         continue
-                elif self._test_due(record):
-                    self._open_test(version, now)
-                    continue
                 elif version >= int(self.config["rounds"]):
                     await self._finish(record)
                     return
@@ -422,9 +429,18 @@ class AsyncRunner:
         return {"action": task.kind, "task": body}
 
     # ------------------------------------------------------------------ results
+    def _target(self) -> int:
+        """The version produced by the buffer that takes the next update: the oldest one with room (counting
+        updates still being folded), else a new one after the newest. A buffer never holds more than
+        ``async_buffer`` updates."""
+        for produces in sorted(self.buffers):
+            if self.buffers[produces].accepted + self._incoming.get(produces, 0) < self.size:
+                return produces
+        return max(self.buffers) + 1
+
     def _staleness(self, task: Task) -> int:
-        """How many versions the model moved on from the task's, by the time the open buffer is applied."""
-        return max(self.buffers) - 1 - task.model_version
+        """How many versions the model moved on from the task's, by the time its buffer is applied."""
+        return self._target() - 1 - task.model_version
 
     def reserve(self, device_id: str, task_id: str, kind: str) -> tuple[Task, dict[str, Any] | None]:
         """Check that ``task_id`` may deliver its result now and hold a slot for it."""
@@ -441,6 +457,9 @@ class AsyncRunner:
             raise TaskBusy(busy)
         if task.done:
             return task, accepted_answer(task, duplicate=True)
+        if task.abandoned:
+            raise TaskExpired(f"task {task_id} was given up by this device; check in for another",
+                              task_id=task_id, deadline=task.deadline)
         record = self.registry.get(self.name)
         if record["state"] not in ACTIVE_STATES:
             raise JobNotActive(f"job {self.name} is {record['state']}", state=record["state"])
@@ -453,6 +472,27 @@ class AsyncRunner:
             self._check_fresh(task)
         self.receiving[task_id] = asyncio.get_running_loop().create_future()
         return task, None
+
+    async def abandon(self, device_id: str, task_id: str) -> dict[str, Any]:
+        """The device gives its task up: durable, and its slot of max_concurrency is free again. Idempotent."""
+        task = self.tasks.get(task_id)
+        if task is None or task.device_id != device_id:
+            raw = self.store.get_json(layout.TASKS_DB, layout.task_key(self.name, task_id))
+            if raw is None or raw["device_id"] != device_id:
+                raise UnknownTask(f"no task {task_id!r} was issued to this device", task_id=task_id)
+            task = Task.from_record(raw)
+        if task.done:
+            return {"task_id": task_id, "abandoned": False, "reason": "result_delivered"}
+        if task.abandoned:
+            return {"task_id": task_id, "abandoned": True, "duplicate": True}
+        if task_id in self.receiving:
+            raise Overloaded("this task's result is being received; retry shortly", retry_after=2)
+        record = {**task.to_record(), "abandoned": True}
+        await self.store.commit(WriteBatch().put_json(layout.TASKS_DB, layout.task_key(self.name, task_id), record))
+        task.abandoned = True
+        self._untrack(task)
+        self.wake.set()
+        return {"task_id": task_id, "abandoned": True, "duplicate": False}
 
     def _check_fresh(self, task: Task) -> None:
         staleness = self._staleness(task)
@@ -486,14 +526,23 @@ class AsyncRunner:
             await asyncio.wait_for(asyncio.shield(self._applying), DRAIN_SECONDS)
         self._check_fresh(task)
         staleness = self._staleness(task)
-        produces = max(self.buffers)
+        produces = self._target()
+        buffer = self.buffers.get(produces)
+        if buffer is None:
+            buffer = self.buffers[produces] = DurableSum(self.store, self.name, produces, self.specs)
         base = self._base(task.model_version)
         delta = aligned_empty(base.shape[0])
         np.subtract(decoded.flat, base, out=delta)
         weight = self._weight(task, result, staleness)
-        await self.buffers[produces].add(task, delta, weight, {**result, "staleness": staleness})
+        self._incoming[produces] = self._incoming.get(produces, 0) + 1  # no await since _target(): its room
+        try:
+            await buffer.add(task, delta, weight, {**result, "staleness": staleness})
+        finally:
+            self._incoming[produces] -= 1
+            if not self._incoming[produces]:
+                del self._incoming[produces]
         self._untrack(task)
-        if self.buffers[produces].accepted >= self.size:
+        if buffer.accepted >= self.size:
             self.wake.set()
         self.metrics.upload_bytes.labels(self.name).inc(len(body))
         return accepted_answer(task, duplicate=False)

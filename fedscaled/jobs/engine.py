@@ -367,6 +367,14 @@ class Engine:
         task, duplicate = runner.reserve(device_id, task_id, kind)
         return runner, task, duplicate
 
+    async def abandon(self, job: str, device_id: str, task_id: str) -> dict[str, Any]:
+        """A device gives its task up (it cannot finish it): the round or the async job stops counting on it."""
+        runner = self.runners.get(job)
+        if runner is None:
+            record = self.registry.get(job)
+            raise JobNotActive(f"job {job} is {record['state']}", job=job, state=record["state"])
+        return await runner.abandon(device_id, task_id)
+
     @contextlib.asynccontextmanager
     async def result_slot(self, job: str, device_id: str, task_id: str, kind: str) -> AsyncIterator[ResultSlot]:
         """Hold the right to deliver ``task_id``'s result while its body arrives; released on exit.

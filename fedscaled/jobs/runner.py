@@ -300,10 +300,11 @@ class JobRunner:
         return max(0.05, float(self.config["selection_window"]) - (now - oldest))
 
     def _phase_complete(self) -> bool:
-        """The phase has its target count, or every chosen device has answered (nobody left to wait for)."""
+        """The phase has its target count, or every chosen device has answered or given its task up (nobody
+        left to wait for)."""
         assert self.phase is not None
         done = self.accepted if self.phase.kind == TRAIN else len(self.test_results)
-        everyone = bool(self.tasks) and all(task.done for task in self.tasks.values())
+        everyone = bool(self.tasks) and all(task.done or task.abandoned for task in self.tasks.values())
         return (done >= self.phase.target or everyone) and self.inflight == 0
 
     # ------------------------------------------------------------------ opening a phase
@@ -422,7 +423,7 @@ class JobRunner:
         now = self.clock()
         if self.phase is not None and device_id in self.by_device:
             task = self.tasks[self.by_device[device_id]]
-            if not task.done and now < task.deadline and not self.closing:
+            if not task.done and not task.abandoned and now < task.deadline and not self.closing:
                 return self.task_answer(task)
             # Its part of this phase is over: it waits in the pool for the next selection.
         if (rounds.ineligible_reason(self.config, status, TRAIN) is not None
@@ -479,6 +480,9 @@ class JobRunner:
             raise TaskBusy(busy)
         if task.done:
             return task, accepted_answer(task, duplicate=True)
+        if task.abandoned:
+            raise TaskExpired(f"task {task_id} was given up by this device; check in for another",
+                              task_id=task_id, deadline=task.deadline)
         record = self.registry.get(self.name)
         if record["state"] not in ACTIVE_STATES:
             raise JobNotActive(f"job {self.name} is {record['state']}", state=record["state"])
@@ -504,6 +508,23 @@ class JobRunner:
         tasks, not kept as a counter: a result of an earlier phase still arriving takes no slot of this
         one, and every phase starts with none."""
         return sum(1 for task_id in self.receiving if task_id in self.tasks)
+
+    async def abandon(self, device_id: str, task_id: str) -> dict[str, Any]:
+        """The device gives its task up: durable, and the phase stops waiting for it. Idempotent."""
+        task, current = self._find_task(device_id, task_id)
+        if task.done:
+            return {"task_id": task_id, "abandoned": False, "reason": "result_delivered"}
+        if task.abandoned:
+            return {"task_id": task_id, "abandoned": True, "duplicate": True}
+        busy = self.receiving.get(task_id)
+        if busy is not None:
+            raise Overloaded("this task's result is being received; retry shortly", retry_after=2)
+        record = {**task.to_record(), "abandoned": True}
+        await self.store.commit(WriteBatch().put_json(layout.TASKS_DB, layout.task_key(self.name, task_id), record))
+        task.abandoned = True
+        if current:
+            self.wake.set()
+        return {"task_id": task_id, "abandoned": True, "duplicate": False}
 
     def release(self, task_id: str) -> None:
         """Give back a slot taken by :meth:`reserve` (after the result was accepted or refused)."""

@@ -317,6 +317,12 @@ async def _result(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+async def abandon(request: web.Request) -> web.Response:
+    """The device gives its task up: the round stops waiting for it (no body)."""
+    job, device_id = _device(request)
+    return web.json_response(await _engine(request).abandon(job, device_id, request.match_info["task_id"]))
+
+
 def build_device_app(engine: Engine, body_timeouts: BodyTimeouts | None = None) -> web.Application:
     """The aiohttp application for devices; ``body_timeouts`` bound how long a request body may take."""
     # Uploads are streamed by read_body with a per-job limit; client_max_size bounds everything else.
@@ -336,4 +342,5 @@ def build_device_app(engine: Engine, body_timeouts: BodyTimeouts | None = None) 
     app.router.add_get("/v1/jobs/{job}/frozen", frozen_weights)
     app.router.add_put("/v1/jobs/{job}/tasks/{task_id}/update", _counting_refusals("uploads", _upload))
     app.router.add_post("/v1/jobs/{job}/tasks/{task_id}/result", _counting_refusals("results", _result))
+    app.router.add_post("/v1/jobs/{job}/tasks/{task_id}/abandon", abandon)
     return app

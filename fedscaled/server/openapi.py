@@ -197,6 +197,16 @@ def openapi_document() -> dict[str, Any]:
                                "duration": {"type": "number", "minimum": 0}}}}}},
             "responses": {"200": _json(_ACCEPTED, "recorded"),
                           **_errors(400, 401, 404, 409, 410, 413, 422, 503, 507)}}},
+        "/v1/jobs/{job}/tasks/{task_id}/abandon": {"post": {
+            "summary": "Give a task up (the device cannot finish it): the round no longer waits for it; idempotent",
+            "parameters": [_PATH_JOB, _PATH_TASK], "security": _BEARER,
+            "responses": {"200": _json({"type": "object", "required": ["task_id", "abandoned"],
+                                        "properties": {"task_id": {"type": "string"},
+                                                       "abandoned": {"type": "boolean"},
+                                                       "duplicate": {"type": "boolean"},
+                                                       "reason": {"type": "string", "enum": ["result_delivered"]}}},
+                                       "given up (abandoned false: its result was already delivered)"),
+                          **_errors(401, 404, 409, 503, 507)}}},
     }
     for operations in paths.values():
         for operation in operations.values():

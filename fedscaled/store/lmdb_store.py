@@ -20,7 +20,7 @@ import queue
 import struct
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,14 +190,14 @@ class Store:
             self._apply_growing([batch for batch, _ in group])
         except Exception as exc:
             if len(group) == 1:
-                group[0][1].set_exception(exc)
+                _resolve(group[0][1], exc)
                 return
             # One bad batch must not fail its neighbours: retry each alone.
             for item in group:
                 self._commit_group([item])
             return
         for _, done in group:
-            done.set_result(None)
+            _resolve(done)
 
     def _apply_growing(self, batches: list[WriteBatch]) -> None:
         while True:
@@ -351,6 +351,20 @@ class Store:
 def open_store(data_dir: Path, *, sync: bool = True) -> Store:
     """Open (or create) the store under ``data_dir/store``."""
     return Store(Path(os.fspath(data_dir)) / "store", sync=sync)
+
+
+def _resolve(done: Future[None], error: BaseException | None = None) -> None:
+    """Resolve a commit's future, unless its waiter gave up (cancelled it): the writer thread must never die
+    of an InvalidStateError, or every later commit would wait forever."""
+    if done.cancelled():
+        return
+    try:
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+    except InvalidStateError:  # cancelled between the check and the call
+        pass
 
 
 def _batch_bytes(batch: WriteBatch) -> int:
