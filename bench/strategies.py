@@ -59,6 +59,7 @@ class Scenario:
     sim: list[str] = field(default_factory=list)
     asynchronous: bool = False
     target: float = 0.85
+    rounds: int = 0  # 0: the --rounds given
 
 
 SCENARIOS = [
@@ -67,7 +68,8 @@ SCENARIOS = [
     Scenario("fed-adam", {"gradient_policy": "fed-adam", "server_lr": 0.01}),
     Scenario("fed-adagrad", {"gradient_policy": "fed-adagrad", "server_lr": 0.03}),
     Scenario("fed-avgm", {"gradient_policy": "fed-avgm", "server_lr": 0.5, "server_momentum": 0.5}),
-    Scenario("q-fedavg", {"gradient_policy": "q-fedavg", "qfed_q": 1.0}),
+    Scenario("q-fedavg", {"gradient_policy": "q-fedavg", "qfed_q": 1.0}, rounds=150),
+    Scenario("q-fedavg-q0.2", {"gradient_policy": "q-fedavg", "qfed_q": 0.2}, rounds=80),
     Scenario("fed-prox", {"gradient_policy": "fed-prox", "proxy_mu": 0.01}),
     Scenario("async", {"max_staleness": 5, "max_concurrency": 20}, asynchronous=True),
     Scenario("dp", {"clip_norm": 2.0, "noise_multiplier": 0.5, "weighting": "uniform", "num_participants": 30,
@@ -75,8 +77,8 @@ SCENARIOS = [
     Scenario("poison-fed-avg", sim=["--hostile", "0.2"], target=0.80),
     Scenario("poison-trimmed_mean", {"aggregator": "trimmed_mean", "trim_fraction": 0.3}, sim=["--hostile", "0.2"],
              target=0.80),
-    Scenario("poison-krum", {"aggregator": "krum", "krum_f": 2, "min_participants": 8}, sim=["--hostile", "0.2"],
-             target=0.80),
+    Scenario("poison-krum", {"aggregator": "krum", "krum_f": 3, "num_participants": 15, "min_participants": 10},
+             sim=["--hostile", "0.2"], target=0.80, rounds=60),
     Scenario("speed-random", {"round_deadline": 20}, sim=["--slow", "0.5", "--slow-seconds", "3", "6"]),
     Scenario("speed-oort", {"sample_mode": "oort", "round_deadline": 20},
              sim=["--slow", "0.5", "--slow-seconds", "3", "6"]),
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     print(f"{'scenario':22} {'state':9} {'target':>6} {'to target':>9} {'best':>6} {'final':>6} {'wall s':>7} epsilon")
     for scenario in chosen:
-        result = run(scenario, args.rounds, args.eval_interval, args.seed, args.max_seconds)
+        result = run(scenario, scenario.rounds or args.rounds, args.eval_interval, args.seed, args.max_seconds)
         results.append(result)
         best = f"{result['best_accuracy']:.3f}" if result["best_accuracy"] is not None else "-"
         final = f"{result['final_accuracy']:.3f}" if result["final_accuracy"] is not None else "-"

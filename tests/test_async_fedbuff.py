@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,49 @@ def test_buffered_versions_are_the_exact_staleness_weighted_mean_of_deltas(
     assert view["initial_test"]["test_accuracy"] == pytest.approx(0.6)
 
 
+def test_a_burst_of_uploads_fills_buffers_of_exactly_async_buffer_updates(tmp_path: Path) -> None:
+    """Twelve uploads on v0 at once into buffers of 4: v1, v2 and v3 take exactly four each (not all twelve
+    in the open buffer), each weighted by the staleness of the buffer it went to."""
+    from fedscaled.store import layout
+    from fedscaled.store.lmdb_store import Store
+
+    data = tmp_path / "state"
+    samples = [5 + 3 * i for i in range(12)]
+    with DaemonProcess(data) as daemon:
+        job = submit(daemon, tmp_path, "burst", rounds=3, buffer=4, max_concurrency=12)
+        fleet = Fleet(daemon, job, 12)
+        tasks = [fleet.train_task(i) for i in range(12)]
+        assert {t["model_version"] for t in tasks} == {0}
+        v0 = fleet.model(0)
+        uploads = [plus(v0, deltas_for(v0, seed=40 + i)) for i in range(12)]
+        bodies = [fleet.upload_body(uploads[i], samples[i]) for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(lambda i: fleet.upload(i, tasks[i], bodies[i]), range(12)))
+        assert all(r.status == 200 and r.body["duplicate"] is False for r in replies), [r.describe() for r in replies]
+        view = wait_for(daemon, job, version=3)
+        assert [m["participants"] for m in view["metrics"]] == [4, 4, 4], view["metrics"]
+        models = [fleet.model(v) for v in range(4)]
+    store = Store(data / "store")
+    try:
+        staleness = {}
+        for _, raw in store.scan(layout.TASKS_DB, layout.tasks_prefix(job)):
+            record = json.loads(raw)
+            if record["kind"] == "train":
+                assert record["done"], record
+                staleness[record["task_id"]] = record["result"]["staleness"]
+    finally:
+        store.close()
+    members: dict[int, list[int]] = {}
+    for i, task in enumerate(tasks):
+        members.setdefault(staleness[task["task_id"]] + 1, []).append(i)  # the version its buffer produced
+    assert sorted(members) == [1, 2, 3] and all(len(m) == 4 for m in members.values()), members
+    for version in (1, 2, 3):
+        factor = 1 / math.sqrt(version)  # staleness version - 1; the same for the whole buffer
+        expected = weighted_step(models[version - 1], [(uploads[i], v0, samples[i] * factor)
+                                                       for i in members[version]])
+        assert_model(models[version], expected)
+
+
 def test_max_staleness_refuses_an_old_update_and_changes_nothing(daemon: DaemonProcess, tmp_path: Path) -> None:
     job = submit(daemon, tmp_path, "fresh-only", rounds=3, buffer=2, max_staleness=0, weighting="uniform")
     fleet = Fleet(daemon, job, 4)
@@ -288,10 +332,10 @@ def test_max_concurrency_makes_devices_wait_until_a_task_is_done_or_expires(daem
     fleet = Fleet(daemon, job, 5)
     held = [fleet.train_task(0), fleet.train_task(1)]
     for _ in range(3):
-        answer = fleet.checkin(2).body
-        assert answer["action"] == "wait" and "task" not in answer, answer
-        assert answer["reason"] == "round_in_progress"
-        assert 0 < answer["retry_after"]["min"] <= answer["retry_after"]["max"]
+        waiting = fleet.checkin(2).body
+        assert waiting["action"] == "wait" and "task" not in waiting, waiting
+        assert waiting["reason"] == "round_in_progress"
+        assert 0 < waiting["retry_after"]["min"] <= waiting["retry_after"]["max"]
     assert live(daemon, job)["training"] == 2
     # A device that already holds a task gets the same one back, not a second.
     assert fleet.checkin(1).body["task"]["task_id"] == held[1]["task_id"]

@@ -96,7 +96,8 @@ def test_refused_submits_leave_nothing_and_models_are_bounded(daemon: DaemonProc
             "num_classes: 3", "num_classes: 10"), "max_model_params"),
         (JOB.format(name="huge").replace("num_classes: 3", "num_classes: 1e9"), "num_classes must be at most"),
         (JOB.format(name="huge").replace("model: linear", "model: cnn").replace("4 4 1", "2 2 1"), "model cnn"),
-        ("aggregator_entry: async_aggregator.py\n" + JOB.format(name="huge"), "asynchronous mode"),
+        ("aggregator_entry: async_aggregator.py\n" + JOB.format(name="huge") + "  - noise_multiplier: 1\n",
+         "are for synchronous rounds"),
     ]
     for text, message in cases:
         result = submit(daemon, tmp_path, text)

@@ -123,7 +123,9 @@ def test_fed_adagrad_first_step_by_hand() -> None:
     g, d = G0.astype(np.float64), D0.astype(np.float64)
     acc0 = tau * tau  # initial_accumulator_value = server_tau^2
     acc1 = acc0 + d * d  # scale_by_rss: the sum of squares
-    update = np.where(acc1 > 0, d / np.sqrt(acc1 + tau), 0.0)  # optax: rsqrt(acc + eps), eps INSIDE the root
+    # optax: rsqrt(acc + eps), eps INSIDE the root; fedscaled sets eps = tau^2, so the floor of the denominator is
+    # tau as in the paper's sqrt(v) + tau
+    update = np.where(acc1 > 0, d / np.sqrt(acc1 + tau * tau), 0.0)
     expected = g - lr * update
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.asarray(state[0].sum_of_squares), acc1, rtol=1e-6)
@@ -150,7 +152,7 @@ def test_server_lr_zero_takes_the_strategy_default(policy: str, default_lr: floa
     s = strategy_for(job_values(gradient_policy=policy, server_lr=0.0, server_tau=tau, server_momentum=0.9))
     got, _ = step(s, None, G0, C0)
     g, d = G0.astype(np.float64), D0.astype(np.float64)
-    unit = {"fed-adam": d / (np.abs(d) + tau), "fed-adagrad": d / np.sqrt(tau * tau + d * d + tau),
+    unit = {"fed-adam": d / (np.abs(d) + tau), "fed-adagrad": d / np.sqrt(tau * tau + d * d + tau * tau),
             "fed-avgm": d}[policy]
     np.testing.assert_allclose(got, g - default_lr * unit, rtol=1e-6, atol=1e-7)
 
@@ -202,7 +204,7 @@ def _reference(policy: str, hp: dict[str, float]) -> tuple[Callable[[F64], dict[
 
         def update(s: dict[str, Any], d: F64) -> F64:
             s["acc"] = s["acc"] + d * d
-            out: F64 = hp["lr"] * d / np.sqrt(s["acc"] + hp["tau"])
+            out: F64 = hp["lr"] * d / np.sqrt(s["acc"] + hp["tau"] ** 2)
             return out
     else:
         def init(p: F64) -> dict[str, Any]:
@@ -573,6 +575,6 @@ def test_oort_selector_state_is_json_and_deterministic(n: int, count: int, explo
         assert len(chosen) <= count and len(chosen) == min(count, n)
         assert chosen == sorted(set(chosen)) and set(chosen) <= set(pool)
         assert new_state is not None
-        assert json.loads(json.dumps(new_state)) == new_state  # JSON-able, exactly
+        assert json.loads(json.dumps(new_state, allow_nan=False)) == new_state  # strict JSON, exactly
         assert OortState.from_record(new_state).to_record() == new_state
         state = new_state

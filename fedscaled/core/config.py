@@ -193,11 +193,13 @@ JOB_KEYS: dict[str, KeySpec] = {
     "yogi_tau": _k("float", 1e-8, "Yogi adaptivity.", minimum=0.0),
     "yogi_beta": _k("float", 0.9, "Yogi first-moment decay.", minimum=0.0, maximum=1.0),
     "yogi_beta2": _k("float", 0.99, "Yogi second-moment decay.", minimum=0.0, maximum=1.0),
-    "qfed_q": _k("float", 0.0, "q-FedAvg fairness parameter.", minimum=0.0),
+    "qfed_q": _k("float", 1.0, "q-FedAvg fairness parameter q (FedScale's default 1.0; 0: the unweighted mean).",
+                 minimum=0.0),
     # --- asynchronous mode (selected by aggregator_entry: ...async_aggregator.py)
     "max_staleness": _k("int", 5, "Async mode: an update based on a model more than this many versions old is "
                         "refused.", minimum=0),
-    "max_concurrency": _k("int", 100, "Async mode: most training tasks out at once.", minimum=1),
+    "max_concurrency": _k("int", 10, "Async mode: most training tasks out at once (FedScale's default).",
+                          minimum=1),
     "async_buffer": _k("int", 0, "Async mode: updates buffered per model version (0: num_participants).",
                        minimum=0),
     "staleness_function": _k("choice", "sqrt", "Async mode: an update's weight by its staleness s: sqrt "

@@ -170,10 +170,11 @@ class AsyncRunner:
             buffer = DurableSum.restore(self.store, self.name, produces, self.specs)
             if buffer.accepted > 0:
                 self.buffers[produces] = buffer
-        if self._test_due(record):
-            self._open_test(version, now)
+        due = self._test_due(record)
+        if due is not None:
+            self._open_test(due, now)
             self.test_results = [t.result for t in self._stored_tasks() if t.kind == TEST and t.done
-                                 and t.model_version == version]
+                                 and t.model_version == due]
         accepted = sum(b.accepted for b in self.buffers.values())
         log.info("job %s: resumed at model v%d with %d buffered updates", self.name, version, accepted)
 
@@ -200,9 +201,10 @@ class AsyncRunner:
                 now = self.clock()
                 self._expire(now)
                 version = int(record["model_version"])
-                if self.test_version is None and self._test_due(record):
+                due = self._test_due(record)
+                if self.test_version is None and due is not None:
                     # Before applying the next buffer, which may be full already: this version is evaluated.
-                    self._open_test(version, now)
+                    self._open_test(due, now)
                     continue
                 full = self.buffers.get(version + 1)
                 if full is not None and full.accepted >= self.size and version < int(self.config["rounds"]):
@@ -234,11 +236,18 @@ class AsyncRunner:
             self._untrack(task)
 
     # ------------------------------------------------------------------ evaluation
-    def _test_due(self, record: JobRecord) -> bool:
+    def _test_due(self, record: JobRecord) -> int | None:
+        """The version to evaluate next, if any: the last one, else the newest eval_interval-th one (v0
+        included) not evaluated yet; it may lie behind the model when it came due while another evaluation
+        was open. None when there is none (or it is no longer stored)."""
         version = int(record["model_version"])
         tested = record["tested_version"]
-        due = version == 0 or version % int(self.config["eval_interval"]) == 0 or version >= int(self.config["rounds"])
-        return due and (tested is None or tested < version)
+        interval = int(self.config["eval_interval"])
+        due = version if version >= int(self.config["rounds"]) else version - version % interval
+        retention = int(self.config["model_retention"])
+        if (tested is not None and tested >= due) or (retention > 0 and due <= version - retention):
+            return None
+        return due
 
     def _test_target(self) -> int:
         return int(self.config["test_participants"]) or int(self.config["num_participants"])

@@ -10,3 +10,4 @@ class FedAvg(ServerStrategy):
 
     name = "fed-avg"
     paper = "McMahan et al., AISTATS 2017"
+    keys = ("weighting",)
