@@ -173,10 +173,12 @@ JOB_KEYS: dict[str, KeySpec] = {
                  minimum=0),
     "weighting": _k("choice", "samples", "FedAvg weights: samples (by sample count) or uniform (FedScale's).",
                     choices=WEIGHTINGS),
-    "model_retention": _k("int", 0, "Keep this many latest model versions (0: keep all).", minimum=0),
-    "save_checkpoint": _k("bool", False, "FedScale's checkpoint switch. Every model version is stored durably "
-                          "anyway (downloadable by version); true also keeps all of them, overriding "
-                          "model_retention."),
+    "model_retention": _k("int", 10, "Keep this many latest model versions (0: keep all); asynchronous jobs keep "
+                          "at least max_staleness + 1.", minimum=0),
+    "checkpoint_interval": _k("int", 100, "Also keep every this-many-th model version (0: none beyond the latest "
+                              "model_retention and version 0).", minimum=0),
+    "save_checkpoint": _k("bool", False, "FedScale's checkpoint switch: true keeps every model version, overriding "
+                          "model_retention and checkpoint_interval."),
     # --- local training, sent to devices in the task config
     "learning_rate": _k("float", 5e-2, "Device learning rate.", minimum=0.0, exclusive_min=True),
     "min_learning_rate": _k("float", 5e-5, "Floor of the decayed learning rate.", minimum=0.0),
@@ -598,8 +600,3 @@ def _check_async(values: dict[str, Any], mean_based: bool) -> None:
     if values["clip_norm"] > 0 or values["noise_multiplier"] > 0:
         raise InvalidConfig("clip_norm and noise_multiplier are for synchronous rounds; remove them or the "
                             "asynchronous aggregator_entry", key="clip_norm")
-    retention = values["model_retention"]
-    if 0 < retention <= values["max_staleness"]:
-        raise InvalidConfig(f"model_retention ({retention}) must exceed max_staleness ({values['max_staleness']}): "
-                            f"an update is turned into a delta against the version it was trained from",
-                            key="model_retention")

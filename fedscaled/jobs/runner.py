@@ -24,6 +24,7 @@ from fedscaled.core import aggregate, codec, privacy, rounds
 from fedscaled.core.config import JobConfig
 from fedscaled.core.oort import DeviceStats, update_stats
 from fedscaled.core.results import test_result, update_metadata
+from fedscaled.core.retention import Retention
 from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Phase, Task
 from fedscaled.core.selection import selector_for
 from fedscaled.core.strategies import strategy_for
@@ -663,9 +664,9 @@ class JobRunner:
             server_state.put(batch, self.name, version, opt_state)
         model_bytes = codec.encode_model(new_flat, self.specs)
         batch.put(layout.MODELS_DB, layout.model_key(self.name, version), model_bytes)
-        retention = int(self.config["model_retention"])
-        if retention > 0 and version - retention >= 0:
-            batch.delete(layout.MODELS_DB, layout.model_key(self.name, version - retention))
+        dropped = Retention.of(self.config.values).falls_out(version)
+        if dropped is not None:
+            batch.delete(layout.MODELS_DB, layout.model_key(self.name, dropped))
         loss = aggregator.loss_sum / aggregator.loss_weight if aggregator.loss_weight > 0 else None
         entry = {"round": phase.round, "participants": self.accepted, "planned": phase.planned,
                  "train_loss": loss, "model_version": version, "duration": round(self.clock() - phase.opened_at, 3),
