@@ -65,6 +65,7 @@ job_conf:
   - checkin_wait: 5
   - retry_min: 0.05
   - retry_max: 0.3
+  - model_retention: 0               # every version is verified afterwards
 """
 STATE = {"battery": 90, "charging": True, "idle": True, "unmetered": True, "free_storage_mb": 1000,
          "num_samples": 10, "backends": ["jax"]}

@@ -171,9 +171,10 @@ def plus(model: Model, delta: Model) -> Model:
     return {name: (model[name] + delta[name]).astype(np.float32) for name in model}
 
 
-def weighted_step(base: Model, updates: list[tuple[Model, Model, float]]) -> Model:
-    """``base`` + the weighted mean of the deltas (each upload minus ITS base version), in float64."""
-    total = sum(weight for _, _, weight in updates)
+def weighted_step(base: Model, updates: list[tuple[Model, Model, float]], normalizer: float | None = None) -> Model:
+    """``base`` + the weighted sum of the deltas (each upload minus ITS base version) over ``normalizer``, in
+    float64. FedBuff's normaliser is the sum of the weights *before* staleness (default: of the given ones)."""
+    total = normalizer if normalizer is not None else sum(weight for _, _, weight in updates)
     out = {}
     for name, value in base.items():
         step = sum(weight * (upload[name].astype(np.float64) - trained_on[name].astype(np.float64))
@@ -234,7 +235,7 @@ def test_buffered_versions_are_the_exact_staleness_weighted_mean_of_deltas(
         assert reply.status == 200 and reply.body["duplicate"] is False, reply.describe()
     view = wait_for(daemon, job, version=2)
     expected_v2 = weighted_step(v1, [(uploads[3], v0, weight[3] * stale_factor), (uploads[4], v1, weight[4]),
-                                     (uploads[5], v1, weight[5])])
+                                     (uploads[5], v1, weight[5])], normalizer=weight[3] + weight[4] + weight[5])
     assert_model(fleet.model(2), expected_v2)
     if stale_factor != 1.0:  # the staleness weight made a measurable difference
         unweighted = weighted_step(v1, [(uploads[3], v0, weight[3]), (uploads[4], v1, weight[4]),
@@ -289,7 +290,8 @@ def test_a_burst_of_uploads_fills_buffers_of_exactly_async_buffer_updates(tmp_pa
     for version in (1, 2, 3):
         factor = 1 / math.sqrt(version)  # staleness version - 1; the same for the whole buffer
         expected = weighted_step(models[version - 1], [(uploads[i], v0, samples[i] * factor)
-                                                       for i in members[version]])
+                                                       for i in members[version]],
+                                 normalizer=sum(samples[i] for i in members[version]))
         assert_model(models[version], expected)
 
 
@@ -485,10 +487,11 @@ def test_digits_mlp_async_end_to_end_with_the_simulator(daemon: DaemonProcess, t
     assert all(m["participants"] == 10 for m in metrics), [m["participants"] for m in metrics]
     evaluated = {m["model_version"]: m["test_accuracy"] for m in metrics if m["test_accuracy"] is not None}
     assert sorted(evaluated) == [5, 10, 15, 20], evaluated
-    # Measured over 31 runs: the last evaluation is >= 0.80 in only ~70% of them (0.26-0.94: a buffer whose
-    # updates share one stale base still takes a full step, as its staleness weights normalise away), while
-    # the best evaluation is >= 0.73 in 29 of 31. So the floor is on the best evaluation.
-    assert max(evaluated.values()) >= 0.70, evaluated
+    # With FedBuff's normaliser (the sum of the pre-staleness weights) the last evaluation measured 0.89, 0.90
+    # and 0.94 in three runs (16 of 16 >= 0.806 in an earlier sweep); with the staleness weights normalising
+    # themselves away it had been >= 0.80 in only ~70 % of 31 runs.
+    assert max(evaluated.values()) >= 0.80, evaluated
+    assert evaluated[20] >= 0.75, evaluated
     assert view["initial_test"]["test_accuracy"] < 0.5
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     print(f"async digits MLP: accuracy by version {evaluated}, {elapsed:.1f}s")

@@ -306,7 +306,10 @@ class AsyncRunner:
             await buffer.drain()
             began = time.monotonic()
             base = aggregate.to_device(self._base(version - 1))
-            mean_delta = aggregate.fedavg_result(buffer.state)
+            # FedBuff's step: the staleness-weighted sum of deltas over the sum of their sample weights (not of
+            # the staleness-weighted ones), so that stale updates move the model less, not just each other.
+            norm = buffer.extras.get("norm_weight", float(buffer.state.weight))
+            mean_delta = buffer.state.acc / np.float32(norm)
             state = (server_state.load(self.store, self.name, version - 1, self.strategy, base)
                      if self.strategy.stateful else None)
             new_model, opt_state = self.strategy.server_step(state, base, base + mean_delta)
@@ -518,13 +521,12 @@ class AsyncRunner:
             busy.set_result(None)
         self.wake.set()
 
-    def _weight(self, task: Task, result: dict[str, Any], staleness: int) -> float:
+    def _weight(self, task: Task, result: dict[str, Any]) -> float:
+        """The update's weight before staleness: 1, or its samples capped at what it reported when chosen."""
         if self.config["weighting"] == "uniform":
-            weight = 1.0
-        else:
-            samples = int(result["samples"])
-            weight = float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
-        return weight * staleness_weight(self.config, staleness)
+            return 1.0
+        samples = int(result["samples"])
+        return float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
 
     async def accept_update(self, task: Task, body: memoryview) -> dict[str, Any]:
         """Turn the upload into a delta against its base version and make it durable in the open buffer."""
@@ -542,10 +544,11 @@ class AsyncRunner:
         base = self._base(task.model_version)
         delta = aligned_empty(base.shape[0])
         np.subtract(decoded.flat, base, out=delta)
-        weight = self._weight(task, result, staleness)
+        weight = self._weight(task, result)
         self._incoming[produces] = self._incoming.get(produces, 0) + 1  # no await since _target(): its room
         try:
-            await buffer.add(task, delta, weight, {**result, "staleness": staleness})
+            await buffer.add(task, delta, weight * staleness_weight(self.config, staleness),
+                             {**result, "staleness": staleness}, norm_weight=weight)
         finally:
             self._incoming[produces] -= 1
             if not self._incoming[produces]:

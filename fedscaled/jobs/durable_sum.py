@@ -48,6 +48,7 @@ class _Pending:
     weight: float
     result: dict[str, Any]  # validated metadata (samples, loss), set on the task once durable
     done: asyncio.Future[None]
+    norm_weight: float | None = None  # what the update adds to the normaliser, when not its weight (FedBuff)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ class DurableSum:
                 durable.extras = {str(k): float(v) for k, v in meta.get("extras", {}).items()}
         return durable
 
-    async def add(self, task: Task, flat: FloatArray, weight: float, result: dict[str, Any]) -> None:
+    async def add(self, task: Task, flat: FloatArray, weight: float, result: dict[str, Any],
+                  norm_weight: float | None = None) -> None:
         """Fold ``flat`` (weight ``weight``) for ``task``; returns once it is durable in the stored sum.
 
         ``result`` is the validated metadata (samples, loss); ``task.result`` and ``task.done`` are set
@@ -131,7 +133,7 @@ class DurableSum:
         cancelled, until :meth:`drain` returns).
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(task, flat, weight, result, done))
+        self._queue.append(_Pending(task, flat, weight, result, done, norm_weight))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name=f"fedavg-{self.job}")
         await done
@@ -159,7 +161,8 @@ class DurableSum:
         """An upload's weights and scalars under the fold plan (plain FedAvg without one)."""
         plan = self.plan
         if plan is None:
-            return _Folded(pending.weight, 0.0, pending.weight, {})
+            extras = {} if pending.norm_weight is None else {"norm_weight": pending.norm_weight}
+            return _Folded(pending.weight, 0.0, pending.weight, extras)
         loss = float(pending.result["loss"])
         fold_weight = plan.strategy.fold_weight(pending.weight, loss)
         scale, sq_norm = 1.0, 0.0
