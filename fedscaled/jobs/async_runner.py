@@ -36,6 +36,7 @@ from fedscaled.core import aggregate, codec, rounds
 from fedscaled.core.aligned import aligned_empty
 from fedscaled.core.config import JobConfig
 from fedscaled.core.results import test_result, update_metadata
+from fedscaled.core.retention import Retention
 from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Task
 from fedscaled.core.strategies import strategy_for
 from fedscaled.errors import (
@@ -97,6 +98,8 @@ class AsyncRunner:
         self.specs = codec.wire_order(self.model.specs)
         self.strategy = strategy_for(self.config.values)
         self.size = buffer_size(self.config)
+        # Versions back to max_staleness stay stored: an update is turned into a delta against its own base.
+        self.retention = Retention.of(self.config.values, needed_back=int(self.config["max_staleness"]))
         self.started_at = record["created_at"]
         self.tasks: dict[str, Task] = {}  # tasks out (not done), train and test, by id
         self.by_device: dict[str, str] = {}
@@ -244,8 +247,7 @@ class AsyncRunner:
         tested = record["tested_version"]
         interval = int(self.config["eval_interval"])
         due = version if version >= int(self.config["rounds"]) else version - version % interval
-        retention = int(self.config["model_retention"])
-        if (tested is not None and tested >= due) or (retention > 0 and due <= version - retention):
+        if (tested is not None and tested >= due) or not self.retention.keeps(due, version):
             return None
         return due
 
@@ -321,9 +323,9 @@ class AsyncRunner:
                 server_state.put(batch, self.name, version, opt_state)
             model_bytes = codec.encode_model(new_flat, self.specs)
             batch.put(layout.MODELS_DB, layout.model_key(self.name, version), model_bytes)
-            retention = int(self.config["model_retention"])
-            if retention > 0 and version - retention >= 0:
-                batch.delete(layout.MODELS_DB, layout.model_key(self.name, version - retention))
+            dropped = self.retention.falls_out(version)
+            if dropped is not None:
+                batch.delete(layout.MODELS_DB, layout.model_key(self.name, dropped))
             loss = buffer.loss_sum / buffer.loss_weight if buffer.loss_weight > 0 else None
             entry = {"round": version, "participants": buffer.accepted, "planned": self.size, "train_loss": loss,
                      "model_version": version, "duration": None, "test_accuracy": None, "test_loss": None}
