@@ -1,120 +1,89 @@
-"""Check-ins: requests/s and p50/p99 latency from many enrolled devices, with wrk.
+"""Check-ins: capacity (closed loop) and latency at a fixed arrival rate (open loop), ours against bare aiohttp.
 
-A check-in is a long poll: an eligible device may be held up to ``checkin_wait`` while the pool fills.
-To measure request throughput the job requires charging and every device reports ``charging: false``:
-the daemon answers at once "wait, not_eligible" after the full request path (bearer-token auth, JSON
-validation, job state, eligibility policy, answer). wrk (one thread, ``connections`` connections)
-picks a random device token per request from a Lua script. The baseline is a bare aiohttp handler that
-reads the body and returns the same JSON, driven by the same wrk command. Without wrk a small aiohttp
-load generator is used instead (and says so: it is likely the bottleneck).
+The request is a real check-in: ``POST /v1/jobs/{job}/checkin`` with the device's JSON state and its own
+``Authorization: Bearer`` token (round-robin over the enrolled devices; they enroll through the real route,
+the job's enrollment rate limits off). The answer is what most of a phone fleet gets between rounds: the
+job requires charging, every device reports ``charging: false``, and the daemon answers at once ``wait /
+not_eligible`` after the whole path (auth, JSON validation, job state, eligibility policy, metrics);
+``checkin_wait: 0`` so that nothing is ever held. The baseline is a bare aiohttp handler in another process
+(``bench/bare_server.py``) that reads the body and returns the same JSON.
+
+1. Capacity: closed loop, ``CAPACITY_CONNECTIONS`` connections back to back, bare and ours interleaved.
+2. Open loop (``bench/openloop.py``): Poisson arrivals at 50 % and 80 % of the *bare* handler's capacity
+   (median of step 1), for each fleet size, bare and ours interleaved and repeated; latency from each
+   request's scheduled time; p50/p99/max, the achieved rate, errors, misses and timeouts; the median over
+   the repeats with the spread in the notes. Target: ours p99 < 50 ms at 50 %.
+
+The generator is ours, in this process (one core at most); its CPU time per request is reported, so its
+ceiling (requests per generator CPU-second) can be compared with the rates it was asked for, and when wrk is
+installed the bare handler's capacity is also measured with ``wrk -t1`` (a C client) as a check.
+``python -m bench.checkins --profile`` runs the daemon under cProfile (and ``perf`` when present) at a
+fixed rate and prints where its time goes.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import gc
 import json
-import random
+import os
+import pstats
 import re
 import shutil
+import signal
+import statistics
 import subprocess
+import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import aiohttp
-
-from bench.common import Daemon, Fleet, Profile, Result, linear_job, percentile, session, start_bare, stop, workdir
+from bench.common import (
+    Daemon,
+    Fleet,
+    Profile,
+    Result,
+    linear_job,
+    session,
+    start_bare,
+    stop,
+    wait_for,
+    workdir,
+)
+from bench.openloop import build_requests, closed_loop, open_loop
 
 STATE = {"battery": 90, "charging": False, "idle": True, "unmetered": True, "free_storage_mb": 1000,
          "num_samples": 50, "backends": ["jax"]}
+EXPECT = b'"not_eligible"'
+LOADS = (0.5, 0.8)  # fractions of the bare handler's capacity
+TARGET_P99 = 0.05  # seconds, at 50 %
+CAPACITY_CONNECTIONS = 64
+MAX_INFLIGHT = 512  # open loop: connections (= requests in flight) at most; beyond it a request is a miss
+TIMEOUT = 2.0  # open loop: a request unanswered this long after its scheduled time is a timeout
 
-LUA = """
-local tokens = {}
-for line in io.lines("%(tokens)s") do tokens[#tokens + 1] = line end
-local body = '%(body)s'
-local path = '%(path)s'
-local headers = {["Content-Type"] = "application/json"}
-math.randomseed(%(seed)d)
-request = function()
-  headers["Authorization"] = "Bearer " .. tokens[math.random(#tokens)]
-  return wrk.format("POST", path, headers, body)
-end
-"""
-
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
-
-
-def _seconds(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    if not match:
-        raise ValueError(f"cannot read wrk duration {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+# Per profile: fleet sizes, seconds per open-loop run (after a warm-up), seconds per capacity run, repeats.
+PLANS: dict[str, dict[str, Any]] = {
+    "smoke": {"fleets": (20,), "seconds": 1.0, "warmup": 0.2, "capacity_seconds": 0.7, "repeats": 1, "wrk": False},
+    "quick": {"fleets": (1_000, 10_000), "seconds": 4.0, "warmup": 0.5, "capacity_seconds": 2.0, "repeats": 3,
+              "wrk": True},
+    "full": {"fleets": (1_000, 10_000), "seconds": 8.0, "warmup": 1.0, "capacity_seconds": 3.0, "repeats": 5,
+             "wrk": True},
+}
 
 
-def parse_wrk(output: str) -> dict[str, float]:
-    """Requests/s, p50 and p99 latency (seconds) and error count from ``wrk --latency`` output."""
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
-    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
-    if not (rps and p50 and p99):
-        raise RuntimeError(f"unexpected wrk output:\n{output}")
-    errors = sum(int(m) for m in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    return {"rps": float(rps.group(1)), "p50": _seconds(p50.group(1)), "p99": _seconds(p99.group(1)),
-            "errors": float(errors + (int(non2xx.group(1)) if non2xx else 0))}
-
-
-def run_wrk(url: str, path: str, tokens_file: Path, connections: int, seconds: float, script: Path) -> dict[str, float]:
-    """One wrk run against ``url + path``."""
-    script.write_text(LUA % {"tokens": tokens_file, "body": json.dumps(STATE), "path": path, "seed": 7})
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
-           "-s", str(script), url + path]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr[-2000:]}")
-    return parse_wrk(out.stdout)
-
-
-async def _aiohttp_load(url: str, path: str, tokens: list[str], connections: int, seconds: float) -> dict[str, float]:
-    latencies: list[float] = []
-    errors = 0
-    rng = random.Random(7)
-    body = json.dumps(STATE).encode()
-    async with session(connections) as s:
-        end = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            nonlocal errors
-            for _ in range(1_000_000):  # bounded; the clock ends it
-                if time.perf_counter() >= end:
-                    return
-                headers = {"Authorization": f"Bearer {rng.choice(tokens)}", "Content-Type": "application/json"}
-                began = time.perf_counter()
-                try:
-                    async with s.post(url + path, data=body, headers=headers) as response:
-                        await response.read()
-                        if response.status != 200:
-                            errors += 1
-                except aiohttp.ClientError:
-                    errors += 1
-                latencies.append(time.perf_counter() - began)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(connections)))
-        elapsed = time.perf_counter() - began
-    return {"rps": len(latencies) / elapsed, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
-            "errors": float(errors)}
-
-
-def load(url: str, path: str, tokens: list[str], tokens_file: Path, connections: int, seconds: float,
-         script: Path) -> dict[str, float]:
-    """wrk when installed, else the aiohttp load generator."""
-    if shutil.which("wrk"):
-        return run_wrk(url, path, tokens_file, connections, seconds, script)
-    return asyncio.run(_aiohttp_load(url, path, tokens, connections, seconds))
+def job_text(name: str) -> str:
+    """The check-in job: ineligible devices (charging required), no long poll, no enrollment limits."""
+    return linear_job(name, 100, 1, require_charging=True, checkin_wait=0, enroll_rate_per_token=0,
+                      enroll_rate_per_address=0)
 
 
 async def _enroll(daemon: Daemon, job: str, devices: int) -> list[str]:
-    token = daemon.submit(linear_job(job, 100, 1, require_charging=True, checkin_wait=20))["enrollment_token"]
+    token = daemon.submit(job_text(job))["enrollment_token"]
     async with session(64) as s:
         fleet = Fleet(s, daemon.url, job)
         await fleet.enroll(devices, token, concurrency=64)
@@ -125,47 +94,571 @@ async def _enroll(daemon: Daemon, job: str, devices: int) -> list[str]:
         return fleet.tokens
 
 
-def run(profile: Profile) -> list[Result]:
-    """Check-in throughput and latency for every fleet size of the profile."""
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+class Target:
+    """One server under load: its name, port and process id, and the raw requests of each fleet."""
+
+    def __init__(self, name: str, url: str, pid: int) -> None:
+        self.name, self.port, self.pid = name, _port(url), pid
+        self.requests: dict[int, list[bytes]] = {}
+
+        self.fleets: dict[int, tuple[str, Sequence[str]]] = {}
+
+    def add_fleet(self, devices: int, job: str, tokens: Sequence[str]) -> None:
+        """Pre-build one request per device of the fleet."""
+        self.fleets[devices] = (job, tokens)
+        self.requests[devices] = build_requests("127.0.0.1", self.port, f"/v1/jobs/{job}/checkin", tokens, STATE)
+
+
+WRK_LUA = """
+local tokens = {}
+for line in io.lines("%(tokens)s") do tokens[#tokens + 1] = line end
+local body = '%(body)s'
+local path = '%(path)s'
+local headers = {["Content-Type"] = "application/json"}
+local i = 0
+request = function()
+  i = i %% #tokens + 1
+  headers["Authorization"] = "Bearer " .. tokens[i]
+  return wrk.format("POST", path, headers, body)
+end
+"""
+
+
+def wrk_capacity(target: Target, devices: int, seconds: float, tmp: Path) -> float:
+    """Closed-loop requests/s with ``wrk -t1 -c CAPACITY_CONNECTIONS`` (a C client: a check on our generator)."""
+    job, tokens = target.fleets[devices]
+    tokens_file, script = tmp / f"tokens-{devices}.txt", tmp / "checkin.lua"
+    tokens_file.write_text("\n".join(tokens) + "\n")
+    script.write_text(WRK_LUA % {"tokens": tokens_file, "body": json.dumps(STATE),
+                                 "path": f"/v1/jobs/{job}/checkin"})
+    out = subprocess.run(["wrk", "-t1", f"-c{CAPACITY_CONNECTIONS}", f"-d{max(1, round(seconds))}s", "-s", str(script),
+                          f"http://127.0.0.1:{target.port}/"], capture_output=True, text=True, timeout=seconds + 60,
+                         check=False)
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+    if out.returncode != 0 or not found or "Non-2xx" in out.stdout:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-1000:]} {out.stderr[-1000:]}")
+    return float(found.group(1))
+
+
+def _log(line: str) -> None:
+    print(f"[checkins] {line}", file=sys.stderr, flush=True)
+
+
+def _describe(s: dict[str, float]) -> str:
+    return (f"{s['rate']:7.0f}/s p50 {s['p50'] * 1e3:6.2f} ms p99 {s['p99'] * 1e3:7.2f} ms max {s['max'] * 1e3:7.1f} ms"
+            f" err {s['errors']:.0f} miss {s['misses']:.0f} tmo {s['timeouts']:.0f}"
+            f" | cpu/req server {s['server_cpu_per_request'] * 1e6:5.0f} us"
+            f" gen {s['client_cpu_per_request'] * 1e6:4.0f} us"
+            f" | send lag p99 {s['send_lag_p99'] * 1e3:.2f} ms | conns opened {s['connects']:.0f}")
+
+
+def _median(runs: Sequence[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _spread(runs: Sequence[dict[str, float]], key: str, scale: float = 1e3) -> str:
+    return "/".join(f"{r[key] * scale:.3g}" for r in sorted(runs, key=lambda r: r[key]))
+
+
+def measure(targets: Sequence[Target], fleets: Sequence[int], plan: dict[str, Any], tmp: Path
+            ) -> tuple[dict[str, list[dict[str, float]]], dict[tuple[str, int, float], list[dict[str, float]]], float]:
+    """Capacity runs (per target; and bare under wrk when installed) and open-loop runs (per target, fleet,
+    load), interleaved and repeated."""
+    capacity: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+    use_wrk = plan["wrk"] and shutil.which("wrk") is not None
+    for rep in range(plan["repeats"]):
+        for t in targets if rep % 2 == 0 else list(reversed(targets)):
+            stats = closed_loop("127.0.0.1", t.port, t.requests[fleets[0]], connections=CAPACITY_CONNECTIONS,
+                                seconds=plan["capacity_seconds"], expect=EXPECT, server_pid=t.pid)
+            capacity[t.name].append(stats.summary())
+            _log(f"capacity {t.name:4} c={CAPACITY_CONNECTIONS} devices={fleets[0]}: {_describe(stats.summary())}")
+            if use_wrk and t.name == "bare":
+                rate = wrk_capacity(t, fleets[0], plan["capacity_seconds"], tmp)
+                capacity.setdefault("wrk", []).append({"rate": rate})
+                _log(f"capacity bare under wrk -t1 -c{CAPACITY_CONNECTIONS}: {rate:.0f}/s")
+    bare_capacity = _median(capacity["bare"], "rate")
+    runs: dict[tuple[str, int, float], list[dict[str, float]]] = {}
+    for rep in range(plan["repeats"]):
+        for devices in fleets:
+            for load in LOADS:
+                for t in targets if rep % 2 == 1 else list(reversed(targets)):
+                    stats = open_loop("127.0.0.1", t.port, t.requests[devices], rate=load * bare_capacity,
+                                      seconds=plan["seconds"], warmup=plan["warmup"], expect=EXPECT,
+                                      max_inflight=MAX_INFLIGHT, timeout=TIMEOUT, seed=7 + rep, server_pid=t.pid)
+                    runs.setdefault((t.name, devices, load), []).append(stats.summary())
+                    _log(f"open {t.name:4} {load:.0%} devices={devices}: {_describe(stats.summary())}")
+    return capacity, runs, bare_capacity
+
+
+def results_of(capacity: dict[str, list[dict[str, float]]], runs: dict[tuple[str, int, float], list[dict[str, float]]],
+               bare_capacity: float, fleets: Sequence[int], plan: dict[str, Any]) -> list[Result]:
+    """The table rows: capacity, then per fleet and load p50/p99/max/achieved rate and server CPU per request."""
+    base = "bare aiohttp (same JSON)"
+    gen_ceiling = 1.0 / _median(capacity["bare"] + capacity["ours"], "client_cpu_per_request")
+    open_runs = [r for runs_of in runs.values() for r in runs_of]
+    open_ceiling = 1.0 / _median(open_runs, "client_cpu_per_request")
+    lag = _median(open_runs, "send_lag_p99")
+    common = {"generator": "bench.openloop (asyncio protocol, this process)", "repeats": plan["repeats"],
+              "generator_ceiling_per_cpu_second": gen_ceiling, "open_loop_ceiling_per_cpu_second": open_ceiling,
+              "bare_capacity": bare_capacity}
     results: list[Result] = []
-    generator = "wrk -t1" if shutil.which("wrk") else "aiohttp load generator (wrk not installed)"
-    c = profile.checkin_connections
+    r = Result("check-in load generator ceiling (open loop, req per generator CPU-second)", open_ceiling, "req/s",
+               "bare aiohttp capacity (closed loop)", bare_capacity, params=common,
+               notes=f"closed loop {gen_ceiling:.0f} req/s per CPU-second; median p99 of the generator's own send lag "
+                     f"{lag * 1e3:.1f} ms (counted in every latency); ratio > 1: the generator is not the limit")
+    results.append(r)
+    if capacity.get("wrk"):
+        results.append(Result(f"check-in bare capacity, our generator vs wrk -t1 c={CAPACITY_CONNECTIONS}",
+                              bare_capacity, "req/s", "wrk (C client), same requests",
+                              _median(capacity["wrk"], "rate"), params=common,
+                              notes=f"runs ours {_spread(capacity['bare'], 'rate', 1)} wrk "
+                                    f"{_spread(capacity['wrk'], 'rate', 1)}: ratio near 1: our generator measures "
+                                    "the server, not itself"))
+    cap_ours, cap_bare = _median(capacity["ours"], "rate"), bare_capacity
+    r = Result(f"check-in capacity closed loop c={CAPACITY_CONNECTIONS} devices={fleets[0]}", cap_ours, "req/s", base,
+               cap_bare, target=">= 0.4",
+               params={**common, "ours_runs": [c["rate"] for c in capacity["ours"]],
+                       "bare_runs": [c["rate"] for c in capacity["bare"]],
+                       "server_cpu_share_ours": _median(capacity["ours"], "server_cpu_share"),
+                       "server_cpu_share_bare": _median(capacity["bare"], "server_cpu_share")},
+               notes=f"runs ours {_spread(capacity['ours'], 'rate', 1)} bare {_spread(capacity['bare'], 'rate', 1)} "
+                     f"req/s; generator ceiling ~{gen_ceiling:.0f} req/s per CPU-second")
+    r.target_met = r.ratio >= 0.4
+    results.append(r)
+    for devices in fleets:
+        for load in LOADS:
+            ours, bare = runs[("ours", devices, load)], runs[("bare", devices, load)]
+            label = f"open loop {load:.0%} of bare ({load * bare_capacity:.0f}/s) devices={devices}"
+            params = {**common, "devices": devices, "load": load, "offered_rate": load * bare_capacity,
+                      "seconds": plan["seconds"], "max_inflight": MAX_INFLIGHT, "timeout": TIMEOUT,
+                      "ours": ours, "bare": bare}
+            failures = (f"ours err/miss/timeout {sum(r['errors'] for r in ours):.0f}/"
+                        f"{sum(r['misses'] for r in ours):.0f}/{sum(r['timeouts'] for r in ours):.0f}, bare "
+                        f"{sum(r['errors'] for r in bare):.0f}/{sum(r['misses'] for r in bare):.0f}/"
+                        f"{sum(r['timeouts'] for r in bare):.0f} (all runs)")
+            for key, what in (("p50", "p50 latency"), ("p99", "p99 latency"), ("max", "max latency")):
+                r = Result(f"check-in {what} {label}", _median(ours, key), "s", base, _median(bare, key),
+                           lower_is_better=True, params=params,
+                           notes=f"runs (ms) ours {_spread(ours, key)} bare {_spread(bare, key)}; {failures}; "
+                                 f"a failed request counts as {TIMEOUT:g} s")
+                if key == "p99" and load == 0.5:
+                    r.target = "< 50 ms"
+                    r.target_met = r.value < TARGET_P99
+                    r.notes += f"; {r.value / TARGET_P99:.2g} x the target (bare {r.baseline_value / TARGET_P99:.2g} x)"
+                results.append(r)
+            results.append(Result(f"check-in achieved rate {label}", _median(ours, "rate"), "req/s", base,
+                                  _median(bare, "rate"), params=params, notes=failures))
+            results.append(Result(f"check-in server CPU per request {label}", _median(ours, "server_cpu_per_request"),
+                                  "s", base, _median(bare, "server_cpu_per_request"), lower_is_better=True,
+                                  params=params,
+                                  notes="CPU time of the server process (all threads) over the window / answers"))
+    return results
+
+
+def run(profile: Profile) -> list[Result]:
+    """Capacity and open-loop latency for every fleet size of the profile."""
+    plan = PLANS[profile.name]
+    fleets: tuple[int, ...] = plan["fleets"]
     with workdir("checkins") as tmp:
-        bare, bare_url = start_bare(tmp, "checkin")
+        bare_proc, bare_url = start_bare(tmp, "checkin")
         daemon = Daemon(tmp)
         try:
             daemon.start()
-            for devices in profile.checkin_devices:
+            bare, ours = Target("bare", bare_url, bare_proc.pid), Target("ours", daemon.url, daemon.pid)
+            for devices in fleets:
                 job = f"checkins-{devices}"
                 began = time.perf_counter()
                 tokens = asyncio.run(_enroll(daemon, job, devices))
-                enroll_seconds = time.perf_counter() - began
-                tokens_file = tmp / f"tokens-{devices}.txt"
-                tokens_file.write_text("\n".join(tokens) + "\n")
-                path = f"/v1/jobs/{job}/checkin"
-                runs = [load(daemon.url, path, tokens, tokens_file, c, profile.checkin_seconds, tmp / "ours.lua")
-                        for _ in range(max(1, profile.repeats - 1))]
-                ours = max(runs, key=lambda r: r["rps"])
-                bruns = [load(bare_url, path, tokens, tokens_file, c, profile.checkin_seconds, tmp / "bare.lua")
-                         for _ in range(max(1, profile.repeats - 1))]
-                theirs = max(bruns, key=lambda r: r["rps"])
-                params = {"devices": devices, "connections": c, "seconds": profile.checkin_seconds,
-                          "generator": generator, "errors": ours["errors"], "baseline_errors": theirs["errors"],
-                          "enroll_per_second": devices / enroll_seconds}
-                label = f"devices={devices} c={c}"
-                r = Result(f"check-ins {label}", ours["rps"], "req/s", "bare aiohttp (same JSON)", theirs["rps"],
-                           target=">= 0.4", params=params,
-                           notes="ineligible devices: immediate not_eligible answer after auth + validation + policy")
-                r.target_met = r.ratio >= 0.4
-                results.append(r)
-                results.append(Result(f"check-in p50 latency {label}", ours["p50"], "s", "bare aiohttp (same JSON)",
-                                      theirs["p50"], lower_is_better=True, params=params))
-                r = Result(f"check-in p99 latency {label}", ours["p99"], "s", "bare aiohttp (same JSON)",
-                           theirs["p99"], lower_is_better=True, target="< 50 ms" if c >= 1000 else "",
-                           params=params)
-                r.target_met = ours["p99"] < 0.05 if c >= 1000 else None
-                results.append(r)
+                _log(f"enrolled {devices} devices in {time.perf_counter() - began:.1f} s")
+                ours.add_fleet(devices, job, tokens)
+                bare.add_fleet(devices, job, tokens)
+            capacity, runs, bare_capacity = measure([bare, ours], fleets, plan, tmp)
+            return results_of(capacity, runs, bare_capacity, fleets, plan)
         finally:
             daemon.stop()
-            stop(bare)
-    return results
+            stop(bare_proc)
+
+
+# ---------------------------------------------------------------------------------------------- profile
+class GcMeter:
+    """Counts the cyclic collector's runs and their CPU time per generation (a ``gc.callbacks`` entry)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.thread_time()
+        else:
+            generation = info["generation"]
+            self.seconds[generation] += time.thread_time() - self._began
+            self.count[generation] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Totals so far, the collector's own statistics, tracked and frozen objects, and (with
+        DEBUG_SAVEALL) the types of what it found in reference cycles since the last snapshot."""
+        garbage = Counter(type(o).__qualname__ for o in gc.garbage)
+        found = len(gc.garbage)
+        gc.garbage.clear()
+        return {"seconds": list(self.seconds), "count": list(self.count), "tracked": len(gc.get_objects()),
+                "frozen": gc.get_freeze_count(), "cpu": time.process_time(), "stats": gc.get_stats(),
+                "garbage": found, "garbage_types": garbage.most_common(12)}
+
+
+# The pieces of the check-in path timed by ``--time-parts`` (module, attribute): label. Each call is wrapped in two
+# reads of the thread's CPU clock (a system call each: the overhead is measured and printed); a nested piece's
+# time (and its timer overhead) is inside its caller's. CPU time, not wall time: this machine is shared.
+PARTS: dict[tuple[str, str], str] = {
+    ("fedscaled.server.app", "error_middleware"): "middleware + handler",
+    ("fedscaled.server.app", "checkin"): "  check-in handler",
+    ("fedscaled.server.app", "_device"): "    auth (_device: sha256 + lookups)",
+    ("fedscaled.server.app", "_json"): "    body (_json)",
+    ("fedscaled.server.app", "body_deadline"): "      body_deadline (asyncio.timeout_at)",
+    ("fedscaled.server.app", "json_object"): "      json_object (read + loads + tree check)",
+    ("fedscaled.http_errors", "loads_bounded"): "        loads_bounded",
+    ("fedscaled.server.app", "parse_status"): "    parse_status",
+    ("fedscaled.jobs.engine", "Engine.checkin"): "    Engine.checkin",
+    ("fedscaled.jobs.engine", "Engine._backend_for"): "      Engine._backend_for",
+    ("fedscaled.jobs.runner", "JobRunner.checkin"): "      JobRunner.checkin",
+    ("aiohttp.web", "json_response"): "    web.json_response",
+}
+
+
+CONTEXT_MANAGERS = {"body_deadline"}  # async context managers: creation, enter and exit are timed
+
+
+class _TimedContext:
+    """An async context manager whose enter and exit add to ``acc`` (one call per exit)."""
+
+    def __init__(self, inner: Any, acc: list[float]) -> None:
+        self.inner, self.acc = inner, acc
+
+    async def __aenter__(self) -> Any:
+        began = time.thread_time()
+        try:
+            return await self.inner.__aenter__()
+        finally:
+            self.acc[0] += time.thread_time() - began
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        began = time.thread_time()
+        try:
+            return await self.inner.__aexit__(*exc)
+        finally:
+            self.acc[0] += time.thread_time() - began
+            self.acc[1] += 1
+
+
+def _time_parts() -> dict[str, list[float]]:
+    """Wrap every piece of :data:`PARTS` with a timer; {label: [seconds, calls]}."""
+    import functools
+    import importlib
+    import inspect
+
+    totals: dict[str, list[float]] = {}
+    for (module_name, attribute), label in PARTS.items():
+        owner: Any = importlib.import_module(module_name)
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        fn = getattr(owner, name)
+        acc = totals[label] = [0.0, 0.0]
+
+        def timed(fn: Any, acc: list[float], name: str) -> Any:
+            if inspect.iscoroutinefunction(fn):
+                @functools.wraps(fn)
+                async def run_async(*args: Any, **kwargs: Any) -> Any:
+                    began = time.thread_time()
+                    try:
+                        return await fn(*args, **kwargs)
+                    finally:
+                        acc[0] += time.thread_time() - began
+                        acc[1] += 1
+                return run_async
+            if name in CONTEXT_MANAGERS:
+                @functools.wraps(fn)
+                def make(*args: Any, **kwargs: Any) -> _TimedContext:
+                    began = time.thread_time()
+                    context = _TimedContext(fn(*args, **kwargs), acc)
+                    acc[0] += time.thread_time() - began
+                    return context
+                return make
+
+            @functools.wraps(fn)
+            def run(*args: Any, **kwargs: Any) -> Any:
+                began = time.thread_time()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    acc[0] += time.thread_time() - began
+                    acc[1] += 1
+            return run
+
+        setattr(owner, name, timed(fn, acc, name))
+    return totals
+
+
+def wrap_daemon(argv: list[str]) -> int:
+    """Run ``fedscaled`` in this process: ``--wrap-daemon [--cprofile FILE] [--gc-freeze] [--gc-saveall]
+    [--time-parts] [--gc-file FILE] -- start ...``. Once the daemon is ready, ``--gc-freeze`` freezes every
+    object alive (``gc.freeze()``) and ``--gc-saveall`` keeps what the collector finds (``DEBUG_SAVEALL``) so
+    that its types can be counted; on SIGUSR1 the GC totals (and part timings) are written to ``--gc-file``."""
+    import cProfile
+
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(prog="python -m bench.checkins --wrap-daemon")
+    parser.add_argument("--cprofile", type=Path, default=None)
+    parser.add_argument("--gc-freeze", action="store_true")
+    parser.add_argument("--gc-file", type=Path, default=None)
+    parser.add_argument("--gc-saveall", action="store_true")
+    parser.add_argument("--time-parts", action="store_true")
+    opts = parser.parse_args(argv[:split])
+    daemon_args = argv[split + 1:]
+    meter = GcMeter()
+    gc.callbacks.append(meter)
+    parts = _time_parts() if opts.time_parts else {}
+    began = time.perf_counter()
+    for _ in range(10_000):
+        time.thread_time()
+        time.thread_time()
+    timer_pair = (time.perf_counter() - began) / 10_000
+    if opts.gc_file is not None:
+        gc_file: Path = opts.gc_file
+
+        def report(*_: Any) -> None:
+            gc_file.with_suffix(".tmp").write_text(json.dumps({**meter.snapshot(), "parts": parts,
+                                                               "timer_pair": timer_pair}))
+            gc_file.with_suffix(".tmp").rename(gc_file)
+
+        signal.signal(signal.SIGUSR1, report)
+    if opts.gc_freeze or opts.gc_saveall:
+        run_json = Path(daemon_args[daemon_args.index("--data-dir") + 1]) / "run.json"
+
+        def when_ready() -> None:
+            for _ in range(6000):
+                if run_json.exists():
+                    gc.collect()
+                    if opts.gc_freeze:
+                        gc.freeze()
+                    if opts.gc_saveall:
+                        gc.set_debug(gc.DEBUG_SAVEALL)
+                    return
+                time.sleep(0.05)
+
+        threading.Thread(target=when_ready, daemon=True).start()
+    from fedscaled.daemon.cli import main as daemon_main
+
+    profiler = cProfile.Profile() if opts.cprofile is not None else None
+    if profiler is not None:
+        profiler.enable()
+    try:
+        return daemon_main(daemon_args)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(opts.cprofile))
+
+
+def _wrapped(tmp: Path, name: str, *options: str) -> Daemon:
+    return Daemon(tmp, name, command=[sys.executable, "-m", "bench.checkins", "--wrap-daemon", "--gc-file",
+                                      str(tmp / f"{name}.gc"), *options, "--"])
+
+
+def _gc_window(daemon: Daemon, gc_file: Path) -> dict[str, Any]:
+    """Ask a wrapped daemon for its GC totals (SIGUSR1) and read them."""
+    gc_file.unlink(missing_ok=True)
+    os.kill(daemon.pid, signal.SIGUSR1)
+    wait_for(gc_file.exists, 10.0, "GC totals")
+    answer: dict[str, Any] = json.loads(gc_file.read_text())
+    return answer
+
+
+def _gc_note(before: dict[str, Any], after: dict[str, Any], answers: int) -> str:
+    gc_s = [a - b for a, b in zip(after["seconds"], before["seconds"], strict=True)]
+    runs = [a - b for a, b in zip(after["count"], before["count"], strict=True)]
+    cpu = after["cpu"] - before["cpu"]
+    collected = [a["collected"] - b["collected"] for a, b in zip(after["stats"], before["stats"], strict=True)]
+    note = (f"\n      GC {sum(gc_s) / cpu:.0%} of the daemon's CPU ({sum(gc_s) * 1e6 / max(1, answers):.1f} us per "
+            f"answer); collections gen0/1/2 {runs[0]}/{runs[1]}/{runs[2]} taking {gc_s[0] * 1e3:.0f}/"
+            f"{gc_s[1] * 1e3:.0f}/{gc_s[2] * 1e3:.0f} ms and finding {sum(collected) / max(1, answers):.1f} objects in "
+            f"cycles per answer; tracked objects {after['tracked']}, frozen {after['frozen']}")
+    if after["garbage"]:
+        kinds = ", ".join(f"{name} {count / max(1, answers):.2f}" for name, count in after["garbage_types"])
+        note += f"\n      in reference cycles, per answer: {kinds}"
+    return note
+
+
+def _perf_report(pid: int, seconds: float, out: Path) -> str:
+    """``perf record`` the daemon for ``seconds``; its report by shared object and by symbol (top lines)."""
+    data = out / "perf.data"
+    subprocess.run(["perf", "record", "-F", "499", "-g", "-p", str(pid), "-o", str(data), "--", "sleep",
+                    str(seconds)], capture_output=True, timeout=seconds + 60, check=False)
+    lines = []
+    for sort in ("dso", "sym"):
+        report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--stdio", "--sort", sort,
+                                 "-g", "none", "--percent-limit", "1.5"], capture_output=True, text=True,
+                                timeout=120, check=False)
+        lines += [line for line in report.stdout.splitlines() if line.strip() and not line.startswith("#")][:25]
+    return "\n".join(lines)
+
+
+def _bare_half(bare: Target, devices: int) -> float:
+    caps = [closed_loop("127.0.0.1", bare.port, bare.requests[devices], connections=CAPACITY_CONNECTIONS,
+                        seconds=2.0, expect=EXPECT, server_pid=bare.pid).rate for _ in range(3)]
+    _log(f"bare capacity {statistics.median(caps):.0f}/s (runs {', '.join(f'{c:.0f}' for c in caps)})")
+    return 0.5 * statistics.median(caps)
+
+
+def _parts_note(before: dict[str, Any], after: dict[str, Any], answers: int, cpu_per_answer: float) -> str:
+    lines = [f"      {'piece of the check-in path (thread CPU time)':48} {'us/answer':>9} {'share of CPU':>12}"
+             f"  (timer overhead {after['timer_pair'] * 1e6:.2f} us per timed call)"]
+    for label in PARTS.values():
+        spent = after["parts"][label][0] - before["parts"][label][0]
+        per = spent / max(1, answers)
+        lines.append(f"      {label:48} {per * 1e6:9.1f} {per / cpu_per_answer:12.0%}")
+    return "\n" + "\n".join(lines)
+
+
+def profile_daemon(devices: int, rate: float | None, seconds: float, top: int, repeats: int, keep: Path | None) -> None:
+    """Where the daemon's time goes at ``rate`` check-ins/s (default: 50 % of the bare handler's capacity).
+
+    1. Bare, ours, ours with ``gc.freeze()`` after startup and ours with its check-in path timed piece by
+       piece, interleaved: each daemon times its own collections (``gc.callbacks``) over the window; CPU per
+       answer from /proc.
+    2. cProfile of a daemon's main thread (wall clock), and ``perf`` of the plain daemon when installed.
+    """
+    with workdir("checkins-prof") as tmp:
+        bare_proc, bare_url = start_bare(tmp, "checkin")
+        wrapped = {"plain": _wrapped(tmp, "plain"), "frozen": _wrapped(tmp, "frozen", "--gc-freeze"),
+                   "parts": _wrapped(tmp, "parts", "--time-parts"),
+                   "cycles": _wrapped(tmp, "cycles", "--gc-saveall"),
+                   "cprofile": _wrapped(tmp, "cprofile", "--cprofile", str(tmp / "daemon.prof"))}
+        try:
+            job = f"checkins-{devices}"
+            bare = Target("bare", bare_url, bare_proc.pid)
+            targets: dict[str, Target] = {}
+            for name, daemon in wrapped.items():
+                daemon.start()
+                tokens = asyncio.run(_enroll(daemon, job, devices))
+                targets[name] = Target(name, daemon.url, daemon.pid)
+                targets[name].add_fleet(devices, job, tokens)
+                bare.add_fleet(devices, job, tokens)
+            rate = rate or _bare_half(bare, devices)
+            _log(f"profiling at {rate:.0f}/s, {devices} devices")
+            order = [bare, targets["plain"], targets["frozen"], targets["parts"], targets["cycles"]]
+            for rep in range(repeats):
+                for t in order if rep % 2 == 0 else list(reversed(order)):
+                    maybe = wrapped.get(t.name)
+                    gc_file = tmp / f"{t.name}.gc"
+                    before = _gc_window(maybe, gc_file) if maybe is not None else {}
+                    stats = open_loop("127.0.0.1", t.port, t.requests[devices], rate=rate, seconds=seconds,
+                                      expect=EXPECT, max_inflight=MAX_INFLIGHT, timeout=TIMEOUT, server_pid=t.pid)
+                    note = ""
+                    if maybe is not None:
+                        after = _gc_window(maybe, gc_file)
+                        note = _gc_note(before, after, stats.ok)
+                        if t.name == "parts":
+                            note += _parts_note(before, after, stats.ok, stats.server_cpu_per_request)
+                    _log(f"open {t.name:6} {rate:.0f}/s: {_describe(stats.summary())}{note}")
+            pt = targets["cprofile"]
+            stats = open_loop("127.0.0.1", pt.port, pt.requests[devices], rate=rate, seconds=seconds, expect=EXPECT,
+                              max_inflight=MAX_INFLIGHT, timeout=TIMEOUT, server_pid=pt.pid)
+            _log(f"open cProfiled {rate:.0f}/s: {_describe(stats.summary())}")
+            if shutil.which("perf"):
+                report: list[str] = []
+                plain = wrapped["plain"]
+                joiner = _background(lambda: report.append(_perf_report(plain.pid, seconds, tmp)))
+                open_loop("127.0.0.1", targets["plain"].port, targets["plain"].requests[devices], rate=rate,
+                          seconds=seconds, expect=EXPECT, max_inflight=MAX_INFLIGHT, timeout=TIMEOUT)
+                joiner()
+                print("perf of the daemon (no cProfile), by shared object, then by symbol:\n" + "".join(report))
+        finally:
+            for daemon in wrapped.values():
+                daemon.stop()  # SIGTERM: the daemon shuts down, and cProfile writes its file
+            stop(bare_proc)
+        if keep is not None:
+            shutil.copy(tmp / "daemon.prof", keep)
+        stats_view = pstats.Stats(str(tmp / "daemon.prof"))
+        for order_by in ("tottime", "cumulative"):
+            print(f"\n=== cProfile of the daemon (wall clock, main thread), top {top} by {order_by} ===")
+            stats_view.sort_stats(order_by).print_stats(top)
+
+
+def sweep(devices: int, rates: Sequence[float], seconds: float, repeats: int) -> None:
+    """Open-loop p50/p99 of bare and ours at each rate (interleaved, repeated): where ours crosses 50 ms."""
+    with workdir("checkins-sweep") as tmp:
+        bare_proc, bare_url = start_bare(tmp, "checkin")
+        daemon = Daemon(tmp)
+        try:
+            daemon.start()
+            job = f"checkins-{devices}"
+            tokens = asyncio.run(_enroll(daemon, job, devices))
+            targets = [Target("bare", bare_url, bare_proc.pid), Target("ours", daemon.url, daemon.pid)]
+            for t in targets:
+                t.add_fleet(devices, job, tokens)
+            runs: dict[tuple[str, float], list[dict[str, float]]] = {}
+            for rep in range(repeats):
+                for rate in rates:
+                    for t in targets if rep % 2 == 0 else list(reversed(targets)):
+                        stats = open_loop("127.0.0.1", t.port, t.requests[devices], rate=rate, seconds=seconds,
+                                          expect=EXPECT, max_inflight=MAX_INFLIGHT, timeout=TIMEOUT, seed=7 + rep,
+                                          server_pid=t.pid)
+                        runs.setdefault((t.name, rate), []).append(stats.summary())
+                        _log(f"open {t.name} {rate:.0f}/s: {_describe(stats.summary())}")
+        finally:
+            daemon.stop()
+            stop(bare_proc)
+    print(f"| rate/s | ours p50 ms | ours p99 ms (runs) | bare p50 ms | bare p99 ms (runs) | ours CPU/req us | "
+          f"bare CPU/req us |  ({devices} devices, median of {repeats})")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for rate in rates:
+        ours, bare = runs[("ours", rate)], runs[("bare", rate)]
+        print(f"| {rate:.0f} | {_median(ours, 'p50') * 1e3:.1f} | {_median(ours, 'p99') * 1e3:.1f} "
+              f"({_spread(ours, 'p99')}) | {_median(bare, 'p50') * 1e3:.1f} | {_median(bare, 'p99') * 1e3:.1f} "
+              f"({_spread(bare, 'p99')}) | {_median(ours, 'server_cpu_per_request') * 1e6:.0f} | "
+              f"{_median(bare, 'server_cpu_per_request') * 1e6:.0f} |")
+
+
+def _background(fn: Callable[[], None]) -> Callable[[], None]:
+    """Run ``fn`` in a thread now; the returned callable joins it."""
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread.join
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.checkins --profile | --sweep R1,R2 [--devices N] [--rate R] [--seconds S] [--repeats K]``
+    (or ``--wrap-daemon``, the daemon's own entry when profiled)."""
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["--wrap-daemon"]:
+        return wrap_daemon(args_list[1:])
+    parser = argparse.ArgumentParser(prog="python -m bench.checkins", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", action="store_true", help="profile the daemon under open-loop load")
+    parser.add_argument("--sweep", default="", help="comma-separated open-loop rates: p50/p99 of bare and ours at each")
+    parser.add_argument("--devices", type=int, default=1_000)
+    parser.add_argument("--rate", type=float, default=None, help="check-ins/s (default: 50 %% of bare capacity)")
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--keep", type=Path, default=None, help="copy the cProfile .prof file here")
+    args = parser.parse_args(args_list)
+    if not (args.profile or args.sweep):
+        parser.error("nothing to do: python -m bench --only checkins runs the benchmark; --profile profiles, "
+                     "--sweep R1,R2,... finds where the latency grows")
+    with contextlib.suppress(KeyboardInterrupt):
+        if args.sweep:
+            sweep(args.devices, [float(r) for r in args.sweep.split(",")], args.seconds, args.repeats)
+        if args.profile:
+            profile_daemon(args.devices, args.rate, args.seconds, args.top, args.repeats, args.keep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,10 +1,19 @@
-"""Memory: the daemon's peak RSS for one round of n participants, and its slope in bytes per participant.
+"""Memory: the daemon's peak RSS for one round of n participants, and its slope in bytes per participant;
+and its resident memory per enrolled device.
 
 For each n a fresh daemon child runs one training round of n uploads (bounded concurrency, the same
 for every n, so that in-flight bodies weigh the same); its peak RSS (``VmHWM``) is read after the new
 model is downloadable. Streaming FedAvg keeps O(model) memory, so the slope must be flat. The baseline
 is Flower's ``aggregate`` over the same n updates held in memory (as Flower's server holds every
 FitRes before ``aggregate_fit``), run in a child process that reports its ``ru_maxrss``.
+
+Per enrolled device: a fresh daemon child, one job without enrollment limits, a warm-up of
+``ENROLL_WARMUP`` enrollments (first-use allocations, the client's connections), then N enrollments through
+``POST /v1/jobs/{job}/enroll`` (bounded concurrency); the daemon's current RSS (``VmRSS`` and its
+anonymous part ``RssAnon``) is read before and after, and the difference divided by N. Then every device
+makes one authenticated request (a check-in answered at once: the job requires charging and the devices
+are not charging), which adds what the daemon keeps per *active* device. The baseline is the target,
+2 KB per device; the per-device figure is the median of ``repeats`` fresh daemons (spread in params).
 """
 
 from __future__ import annotations
@@ -13,8 +22,11 @@ import asyncio
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,22 +36,33 @@ from bench.common import (
     Fleet,
     Profile,
     Result,
+    bounded,
     linear_job,
     linear_params,
     rss_peak_bytes,
     session,
     workdir,
 )
+from bench.disk import input_shape
 from bench.ingest import make_bodies
 
 UPLOAD_CONCURRENCY = 8
 
+# Devices enrolled per measurement, by profile name (the common Profile has no field for them).
+ENROLL_SIZES = {"smoke": (2_000,), "quick": (10_000, 100_000), "full": (10_000, 100_000)}
+ENROLL_REPEATS = {"smoke": 1, "quick": 1, "full": 3}
+ENROLL_WARMUP = 1_000
+ENROLL_CONCURRENCY = 64
+ENROLL_TARGET = 2048.0  # bytes per enrolled device (the issue's target)
+NOT_CHARGING = {"battery": 90, "charging": False, "idle": True, "unmetered": True, "free_storage_mb": 1000,
+                "num_samples": 50, "backends": ["jax"]}
+
 
 def rss_parts(pid: int) -> dict[str, int]:
-    """Current anonymous and file-backed resident bytes (RssAnon, RssFile) of a process."""
+    """Current resident bytes of a process: all (VmRSS), anonymous (RssAnon) and file-backed (RssFile)."""
     parts = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("RssAnon:", "RssFile:")):
+        if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
             parts[line.split(":")[0]] = int(line.split()[1]) * 1024
     return parts
 
@@ -47,7 +70,7 @@ def rss_parts(pid: int) -> dict[str, int]:
 async def _round(daemon: Daemon, n: int, num_params: int) -> tuple[int, int]:
     """Run one round of ``n`` uploads; (peak RSS before the uploads, peak RSS after the round)."""
     job = f"memory-{n}"
-    token = daemon.submit(linear_job(job, num_params, n))["enrollment_token"]
+    token = daemon.submit(linear_job(job, num_params, n, input_shape=input_shape(num_params)))["enrollment_token"]
     bodies = make_bodies(num_params)
     async with session(n + 8) as s:
         fleet = Fleet(s, daemon.url, job)
@@ -95,7 +118,84 @@ def _flower_child(n: int, num_params: int) -> int:
     return 0
 
 
+async def _enroll(daemon: Daemon, n: int) -> dict[str, float]:
+    """Enroll ``n`` devices into a fresh job of ``daemon``, then check each in once; RSS before and after."""
+    job = f"enroll-{n}"
+    token = daemon.submit(linear_job(job, 100, 1, require_charging=True, checkin_wait=20, enroll_rate_per_token=0,
+                                     enroll_rate_per_address=0, max_devices=0))["enrollment_token"]
+    async with session(ENROLL_CONCURRENCY) as s:
+        warm = Fleet(s, daemon.url, job)
+        await warm.enroll(ENROLL_WARMUP, token, ENROLL_CONCURRENCY)
+        await _checkin_once(warm)
+        before = rss_parts(daemon.pid)
+        fleet = Fleet(s, daemon.url, job)
+        began = time.perf_counter()
+        await fleet.enroll(n, token, ENROLL_CONCURRENCY)
+        enroll_s = time.perf_counter() - began
+        enrolled = rss_parts(daemon.pid)
+        began = time.perf_counter()
+        await _checkin_once(fleet)
+        checkin_s = time.perf_counter() - began
+        checked = rss_parts(daemon.pid)
+    out: dict[str, float] = {"enroll_seconds": enroll_s, "checkin_seconds": checkin_s}
+    for part in ("VmRSS", "RssAnon", "RssFile"):
+        out[f"{part}_before"] = before.get(part, 0)
+        out[f"{part}_per_device"] = (enrolled.get(part, 0) - before.get(part, 0)) / n
+        out[f"{part}_per_active_device"] = (checked.get(part, 0) - before.get(part, 0)) / n
+    return out
+
+
+async def _checkin_once(fleet: Fleet) -> None:
+    """Every device of ``fleet`` checks in once (answered at once: it is not charging, the job requires it)."""
+    def one(token: str) -> Callable[[], Awaitable[None]]:
+        async def call() -> None:
+            status, body = await fleet._call("POST", f"/v1/jobs/{fleet.job}/checkin", token, json_body=NOT_CHARGING)
+            if status != 200 or body.get("action") != "wait":
+                raise RuntimeError(f"check-in answered {status}: {body!r}")
+        return call
+
+    await bounded(ENROLL_CONCURRENCY, [one(t) for t in fleet.tokens])
+
+
+def enrolled_device_results(profile: Profile) -> list[Result]:
+    """Resident bytes per enrolled (and per active) device at each size, against the 2 KB target."""
+    results: list[Result] = []
+    repeats = ENROLL_REPEATS.get(profile.name, 1)
+    with workdir("enroll") as tmp:
+        for n in ENROLL_SIZES.get(profile.name, (10_000,)):
+            runs: list[dict[str, float]] = []
+            for i in range(repeats):
+                daemon = Daemon(tmp, f"e{n}-{i}")
+                try:
+                    daemon.start()
+                    runs.append(asyncio.run(_enroll(daemon, n)))
+                finally:
+                    daemon.stop()
+            rate = statistics.median(n / r["enroll_seconds"] for r in runs)
+            for key, what in (("VmRSS_per_device", "RSS per enrolled device"),
+                              ("RssAnon_per_device", "anon RSS per enrolled device"),
+                              ("VmRSS_per_active_device", "RSS per enrolled + checked-in device"),
+                              ("RssAnon_per_active_device", "anon RSS per enrolled + checked-in device")):
+                values = [r[key] for r in runs]
+                value = statistics.median(values)
+                r = Result(f"memory {what} N={n}", value, "B/device", "target", ENROLL_TARGET, lower_is_better=True,
+                           target="< 2 KB", params={"N": n, "repeats": repeats, "all": values,
+                                                    "spread": max(values) - min(values),
+                                                    "enroll_per_second": rate, "warmup": ENROLL_WARMUP,
+                                                    "concurrency": ENROLL_CONCURRENCY, "runs": runs},
+                           notes=f"median of {repeats} fresh daemons; {rate:.0f} enrollments/s through "
+                                 f"POST /v1/jobs/{{job}}/enroll")
+                r.target_met = value < ENROLL_TARGET
+                results.append(r)
+    return results
+
+
 def run(profile: Profile) -> list[Result]:
+    """Peak RSS per round size and the slope, against Flower's aggregate; RSS per enrolled device."""
+    return round_results(profile) + enrolled_device_results(profile)
+
+
+def round_results(profile: Profile) -> list[Result]:
     """Peak RSS per round size and the slope, against Flower's aggregate."""
     p = profile.memory_params
     model_bytes = linear_params(p) * 4

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "inflated sample count), to try the job's aggregator (0.0)")
     sim.add_argument("--slow", type=_fraction, default=0.0,
                      help="probability that a device is slow: it sleeps before uploading (0.0)")
+    sim.add_argument("--slow-devices", type=_fraction, default=0.0,
+                     help="fraction of devices that are slow phones: every training task of theirs takes "
+                          "--slow-seconds longer (a fixed, seeded set, as Oort's selection can learn) (0.0)")
     sim.add_argument("--slow-seconds", type=float, nargs=2, default=(5.0, 15.0), metavar=("MIN", "MAX"),
                      help="how long a slow device sleeps, uniform in [MIN, MAX] (5 15)")
     sim.add_argument("--offline", type=_fraction, default=0.0,
@@ -142,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             cfg = _sim_config(args, dropout=args.dropout, hostile=args.hostile, slow=args.slow,
+                              slow_devices=args.slow_devices,
                               slow_seconds=tuple(args.slow_seconds), offline=args.offline)
             summary = asyncio.run(simulate(cfg))
             print(json.dumps(summary.to_json()) if args.json else f"fedscaled-device: {summary.line()}")

@@ -133,6 +133,7 @@ class Behaviour:
     slow: float = 0.0  # probability that the device sleeps before uploading
     slow_seconds: tuple[float, float] = (5.0, 15.0)  # how long a slow device sleeps
     hostile: bool = False  # uploads poisoned weights (large random values) and inflates its sample count
+    always_slow: bool = False  # a slow phone: every training task takes slow_seconds longer
 
 
 @dataclass(frozen=True)
@@ -480,7 +481,6 @@ class DeviceClient:
             # This device cannot do the task: say so, so that the round does not wait for it until its deadline.
             await self.abandon(task_id)
             raise
-        duration = time.monotonic() - started
         self.stats.trained += 1
         if self.rng.random() < self.behaviour.dropout:
             # A vanished phone: it holds the task and is gone until the task's deadline has passed,
@@ -488,8 +488,9 @@ class DeviceClient:
             self.stats.vanished += 1
             await self.sleep(float(task.get("deadline_in", 60.0)) + 1.0)
             return
-        if self.rng.random() < self.behaviour.slow:
+        if self.behaviour.always_slow or self.rng.random() < self.behaviour.slow:
             await self.sleep(self.rng.uniform(*self.behaviour.slow_seconds))
+        duration = time.monotonic() - started  # a slow phone's training took longer: it reports so
         if self.behaviour.hostile:
             # Model poisoning: large random weights, finite so that they pass validation, with a weight
             # claim as large as the device dares; robust aggregators must shrug it off.

@@ -54,6 +54,7 @@ class SimConfig:
     dropout: float = 0.0
     hostile: float = 0.0
     slow: float = 0.0
+    slow_devices: float = 0.0  # fraction of devices that are always slow (a fixed, seeded set)
     slow_seconds: tuple[float, float] = (5.0, 15.0)
     offline: float = 0.0
     max_seconds: float = 600.0
@@ -176,13 +177,15 @@ def _make_clients(cfg: SimConfig, session: aiohttp.ClientSession, deadline: floa
     clients = []
     # A fixed, seeded set of hostile devices (not a per-task coin flip: attackers persist).
     hostile = set(random.Random(cfg.seed).sample(range(cfg.devices), round(cfg.hostile * cfg.devices)))
+    # Likewise slow phones: a property of the device, which a selector (Oort) can learn.
+    slow = set(random.Random(cfg.seed + 1).sample(range(cfg.devices), round(cfg.slow_devices * cfg.devices)))
     for i in range(cfg.devices):
         rng = random.Random(cfg.seed * 1_000_003 + i)
         cred = creds[i] if i < len(creds) else {}
         clients.append(DeviceClient(
             session, cfg.server, cfg.job, EMPTY, enrollment_token=cfg.enrollment_token,
             device_id=cred.get("device_id"), token=cred.get("token"),
-            behaviour=Behaviour(cfg.dropout, cfg.slow, cfg.slow_seconds, hostile=i in hostile),
+            behaviour=Behaviour(cfg.dropout, cfg.slow, cfg.slow_seconds, hostile=i in hostile, always_slow=i in slow),
             seed=cfg.seed * 100_003 + i,
             cache=shared if shared is not None else ModelCache(max_entries=1),
             checkin_timeout=cfg.checkin_timeout, backoff_base=cfg.backoff_base,

@@ -5,6 +5,12 @@ Only the token's SHA-256 is stored (``tokens`` maps hash → job and device id);
 saves a store read on every request. The operator may revoke a device (``fedscalectl revoke``): its record
 gets ``revoked_at``, its token keeps its ``tokens`` entry so that its requests get 403 ``device_revoked``
 (not 401: the device learns it should stop, rather than enroll again).
+
+Memory per device (measured by ``python -m bench --only memory``): the lookup table holds the devices that
+made a request in this daemon run, filled on each one's first request (two memory-mapped store reads),
+not at enrollment: an enrolled device that never calls costs no memory, only its store records. Entries
+are kept per job (token digest → device id; no (job, device) tuple per device), and ``last_seen`` shares
+the same device id strings.
 """
 
 from __future__ import annotations
@@ -30,16 +36,44 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
+class LastSeen:
+    """When each device last made an authenticated request (this daemon run only: not stored), per job."""
+
+    __slots__ = ("_jobs",)
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, dict[str, float]] = {}
+
+    def get(self, device: tuple[str, str]) -> float | None:
+        """The time (``time.time()``) of the last request of ``(job, device id)``; None: none this run."""
+        seen = self._jobs.get(device[0])
+        return None if seen is None else seen.get(device[1])
+
+    def note(self, job: str, device_id: str, when: float) -> None:
+        """Record a request of a device at ``when``."""
+        seen = self._jobs.get(job)
+        if seen is None:
+            seen = self._jobs[job] = {}
+        seen[device_id] = when
+
+    def forget(self, job: str) -> None:
+        """Drop a job's entries."""
+        self._jobs.pop(job, None)
+
+    def __len__(self) -> int:
+        return sum(len(seen) for seen in self._jobs.values())
+
+
 class DeviceDirectory:
     """Enrolled devices of every job."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._by_hash: dict[bytes, tuple[str, str]] = {}
+        # Per job: token digest → device id, for the devices that made a request in this daemon run.
+        self._by_hash: dict[str, dict[bytes, str]] = {}
         # Devices of cached tokens that are revoked (a token not cached is checked against its record).
         self._revoked: set[tuple[str, str]] = set()
-        # When each device last made an authenticated request (this daemon run only: not stored).
-        self.last_seen: dict[tuple[str, str], float] = {}
+        self.last_seen = LastSeen()
         # Enrolled, not revoked devices per job, counted once from the store when first needed.
         self._active: dict[str, int] = {}
 
@@ -67,11 +101,12 @@ class DeviceDirectory:
         return batch, device_id, token
 
     def committed(self, batch: WriteBatch) -> None:
-        """Index the tokens of a committed enrollment batch."""
-        for db, k, value in batch.ops:
+        """Count the devices of a committed enrollment batch. Their tokens are not cached here: a device
+        enters the lookup table on its first request, so that enrolled devices that never call cost no
+        memory (most of a large fleet is idle at any time)."""
+        for db, _, value in batch.ops:
             if db == layout.TOKENS_DB and value is not None:
-                job, device = layout.token_owner(bytes(value))
-                self._by_hash[k] = (job, device)
+                job, _ = layout.token_owner(bytes(value))
                 if job in self._active:
                     self._active[job] += 1
 
@@ -81,23 +116,33 @@ class DeviceDirectory:
         if scheme.lower() != "bearer" or not credentials.strip():  # the scheme is case-insensitive (RFC 7235)
             raise Unauthorized("missing bearer token (Authorization: Bearer <device token>)")
         digest = token_hash(credentials.strip())
-        found = self._by_hash.get(digest)
-        if found is None:
-            raw = self.store.get(layout.TOKENS_DB, layout.token_key(digest))
-            if raw is None:
-                raise Unauthorized("unknown device token")
-            found = layout.token_owner(raw)
-            record = self.store.get_json(layout.DEVICES_DB, layout.device_key(*found))
-            if record is not None and record.get("revoked_at") is not None:
-                self._revoked.add(found)
-            self._by_hash[digest] = found
-        if found[0] != job:
+        cached = self._by_hash.get(job)
+        device_id = cached.get(digest) if cached is not None else None
+        if device_id is None:
+            device_id = self._load(job, digest)
+        if (job, device_id) in self._revoked:
+            raise DeviceRevoked(f"device {device_id} was revoked by the operator of job {job}", job=job,
+                                device_id=device_id)
+        self.last_seen.note(job, device_id, time.time())
+        return device_id
+
+    def _load(self, job: str, digest: bytes) -> str:
+        """A token not cached: look it up in the store, note whether its device is revoked, and cache it
+        under its job. Unauthorized for an unknown token or one of another job (that one is not cached)."""
+        raw = self.store.get(layout.TOKENS_DB, layout.token_key(digest))
+        if raw is None:
+            raise Unauthorized("unknown device token")
+        owner, device_id = layout.token_owner(raw)
+        if owner != job:
             raise Unauthorized("this device token belongs to another job")
-        if found in self._revoked:
-            raise DeviceRevoked(f"device {found[1]} was revoked by the operator of job {job}", job=job,
-                                device_id=found[1])
-        self.last_seen[found] = time.time()
-        return found[1]
+        record = self.store.get_json(layout.DEVICES_DB, layout.device_key(job, device_id))
+        if record is not None and record.get("revoked_at") is not None:
+            self._revoked.add((job, device_id))
+        cached = self._by_hash.get(job)
+        if cached is None:
+            cached = self._by_hash[job] = {}
+        cached[digest] = device_id
+        return device_id
 
     def is_revoked(self, job: str, device_id: str) -> bool:
         """Whether the device was revoked (as known to this directory's authentications and revocations)."""
@@ -145,7 +190,7 @@ class DeviceDirectory:
 
     def forget_job(self, job: str) -> None:
         """Drop cached tokens of a replaced job."""
-        self._by_hash = {h: v for h, v in self._by_hash.items() if v[0] != job}
+        self._by_hash.pop(job, None)
         self._revoked = {d for d in self._revoked if d[0] != job}
-        self.last_seen = {d: t for d, t in self.last_seen.items() if d[0] != job}
+        self.last_seen.forget(job)
         self._active.pop(job, None)
