@@ -58,7 +58,7 @@ async def serve(port_file: Path) -> None:
     """Serve until SIGTERM/SIGINT."""
     runner = web.AppRunner(build_app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)  # default backlog, like the daemon
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)  # the daemon's DeviceSite listens with 1024 too
     await site.start()
     port = int(runner.addresses[0][1])
     stop = asyncio.Event()

@@ -183,3 +183,64 @@ def test_a_round_closes_when_every_chosen_device_answered_or_gave_up(tmp_path: P
             store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_noised_round_reports_its_privacy_spent_in_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    """Clipping, noise and accounting wired through a real round: the model moved by the clipped mean plus
+    noise of the calibrated size, and (epsilon, delta) is in the record, the status view and the CLI text."""
+    from fedscaled.core import privacy
+    from fedscaled.ctl.cli import _print_job
+    from fedscaled.jobs.registry import status_view
+
+    # 514 parameters, so that the noise's measured std is within a few per cent of the calibrated one.
+    noised = (PACED.replace("rounds: 2", "rounds: 1").replace("  - test_participants: 3\n", "")
+              .replace("input_shape: 2 2 1", "input_shape: 16 16 1")
+              .replace("eval_interval: 1000", "eval_interval: 1000\n  - test_participants: 1\n  - clip_norm: 0.5\n"
+                       "  - noise_multiplier: 1.0\n  - weighting: uniform\n  - dp_delta: 0.00001"))
+
+    async def scenario() -> None:
+        clock = Clock()
+        store = open_store(tmp_path / "data")
+        registry = JobRegistry(store, JobLog(store))
+        engine = Engine(registry, clock=clock)
+        await engine.start()
+        try:
+            await registry.submit(noised)
+            token = registry.get("clocked")["enrollment_token"]
+            devices = [(await engine.enroll("clocked", token, {}))["device_id"] for _ in range(3)]
+            first = await asyncio.wait_for(engine.checkin("clocked", devices[0], PHONE), 5)
+            async with engine.result_slot("clocked", devices[0], first["task"]["task_id"], "test") as slot:
+                await slot.accept_result({"samples": 10, "correct_top1": 5, "correct_top5": 10, "loss_sum": 9.0})
+            await wait_until(lambda: registry.get("clocked")["tested_version"] == 0, "v0's test")
+            answers = await asyncio.wait_for(asyncio.gather(
+                *(engine.checkin("clocked", d, PHONE) for d in devices)), 5)
+            model = engine.model_bytes("clocked", 0)
+            for device, answer in zip(devices, answers, strict=True):
+                async with engine.result_slot("clocked", device, answer["task"]["task_id"], "train") as slot:
+                    await slot.accept_update(memoryview(upload_body(engine, model, 10.0)))  # far beyond the clip
+            await wait_until(lambda: registry.get("clocked")["model_version"] == 1, "the noised round")
+            runner = engine.runners.get("clocked")
+            specs = runner.specs if isinstance(runner, JobRunner) else codec.wire_order(
+                engine.model_def("clocked").specs)
+            base = codec.decode_update(model, specs, check_finite=False).flat.astype(np.float64)
+            new = codec.decode_update(engine.model_bytes("clocked", 1), specs, check_finite=False).flat
+            # Every upload moved every weight by +10; clipped to norm 0.5 that is +0.5/sqrt(P) per weight, and
+            # the noise has std 2 * 1.0 * 0.5 / 3.
+            clipped_step = 0.5 / np.sqrt(base.size)
+            noise = new - (base + clipped_step)
+            assert abs(float(np.std(noise)) / (2 * 0.5 / 3) - 1) < 0.2, float(np.std(noise))
+            spent = registry.get("clocked")["privacy"]
+            assert spent["rounds"] == 1 and spent["delta"] == 1e-5
+            assert spent["epsilon"] == pytest.approx(privacy.epsilon_spent(1.0, 1, 1e-5))
+            view = status_view(registry.get("clocked"))
+            assert view["privacy"] == spent and view["strategy"] == "fed-avg"
+            _print_job({**view, "enrolled_devices": 3, "live": None})
+        finally:
+            engine.begin_shutdown()
+            await engine.stop()
+            store.close()
+
+    asyncio.run(scenario())
+    out = capsys.readouterr().out
+    assert "privacy spent:" in out and "at delta 1e-05 over 1 noised rounds" in out, out
