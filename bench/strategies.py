@@ -74,6 +74,8 @@ SCENARIOS = [
     Scenario("async", {"max_staleness": 5, "max_concurrency": 20}, asynchronous=True),
     Scenario("dp", {"clip_norm": 2.0, "noise_multiplier": 0.5, "weighting": "uniform", "num_participants": 30,
                     "overcommitment": 1.0}, target=0.80),
+    Scenario("dp-z1", {"clip_norm": 2.0, "noise_multiplier": 1.0, "weighting": "uniform", "num_participants": 30,
+                       "overcommitment": 1.0}, target=0.80),
     Scenario("poison-fed-avg", sim=["--hostile", "0.2"], target=0.80),
     Scenario("poison-trimmed_mean", {"aggregator": "trimmed_mean", "trim_fraction": 0.3}, sim=["--hostile", "0.2"],
              target=0.80),

@@ -511,6 +511,20 @@ public final class Client {
         return ref != null ? ref : new JSONObject().put("backend", announced.get(0));
     }
 
+    /** Give a task up, best effort: a daemon that is away (or older, without the route) lets it expire. */
+    private void abandonQuietly(String taskId) {
+        if (stopping) {
+            return; // shutting down: no new requests
+        }
+        try {
+            protocol.abandon(taskId);
+        } catch (ProtocolException | IOException e) {
+            // the task's deadline covers it
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+        }
+    }
+
     private void doTrain(JSONObject task) throws Exception {
         String taskId = task.getString("task_id");
         int version = task.getInt("model_version");
@@ -546,7 +560,8 @@ public final class Client {
         if (out.aborted) {
             stats.aborted.incrementAndGet();
             listener.onTaskAborted(task, stopping ? "stopped" : "local policy: " + policy.decide(deviceState).reason);
-            return; // tell the daemon nothing: the round's deadline covers it
+            abandonQuietly(taskId); // the round need not wait for this device until its deadline
+            return;
         }
         double duration = (System.nanoTime() - started) / 1e9;
         List<Tensor> upload = new ArrayList<>();
@@ -556,6 +571,7 @@ public final class Client {
         if (!finite(upload) || Double.isNaN(out.meanLoss) || Double.isInfinite(out.meanLoss)) {
             stats.aborted.incrementAndGet();
             listener.onTaskAborted(task, "training diverged (non-finite weights or loss): nothing uploaded");
+            abandonQuietly(taskId);
             return;
         }
         stats.trained.incrementAndGet();

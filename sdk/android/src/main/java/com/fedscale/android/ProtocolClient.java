@@ -357,6 +357,16 @@ public final class ProtocolClient {
                 requestTimeoutMs, 200).json();
     }
 
+    /**
+     * {@code POST /tasks/{id}/abandon}: give a task up (this device cannot finish it), so that the round stops
+     * waiting for it. Idempotent: {@code {"task_id", "abandoned": true, "duplicate"}}, or {@code "abandoned":
+     * false} when its result was already delivered.
+     */
+    public JSONObject abandon(String taskId) throws ProtocolException, IOException, InterruptedException {
+        return request("POST", jobPath("/tasks/" + taskId + "/abandon"), new byte[0], "application/json", null, true,
+                requestTimeoutMs, 200).json();
+    }
+
     // ------------------------------------------------------------------ HTTP
 
     private String jobPath(String rest) {

@@ -105,6 +105,42 @@ public class LiveDaemonTest {
     }
 
     @Test
+    public void aTaskGivenUpIsNotWaitedForAndItsUploadIsRefused() throws Exception {
+        String token = daemon.submit("giveup", Daemon.job("giveup", "eval_interval: 1000", "test_participants: 1",
+                "round_deadline: 600", "max_round_retries: 3"));
+        ProtocolClient p = new ProtocolClient(daemon.url(), "giveup", TestEnv.tempDir("giveup"), 1);
+        p.enroll(token, null);
+        JSONObject state = new JSONObject().put("battery", 90).put("charging", true).put("idle", true)
+                .put("unmetered", true).put("free_storage_mb", 500).put("num_samples", 5)
+                .put("backends", new JSONArray().put("java"));
+        JSONObject test = p.checkin(state);
+        assertEquals(test.toString(), "test", test.getString("action"));
+        p.postResult(test.getJSONObject("task").getString("task_id"), new TestCounts(4, 1, 4, 4.0), 0.1);
+        JSONObject train = p.checkin(state);
+        assertEquals(train.toString(), "train", train.getString("action"));
+        String taskId = train.getJSONObject("task").getString("task_id");
+        JSONObject first = p.abandon(taskId);
+        assertTrue(first.toString(), first.getBoolean("abandoned"));
+        assertFalse(first.getBoolean("duplicate"));
+        assertTrue(p.abandon(taskId).getBoolean("duplicate"));
+        List<Tensor> weights = List.of(new Tensor("dense_0/bias", new int[] {3}, new float[3]),
+                new Tensor("dense_0/kernel", new int[] {4, 3}, new float[12]));
+        try {
+            p.uploadUpdate(taskId, weights, 4, 0.5, 0.1);
+            throw new AssertionError("an upload for a task given up was accepted");
+        } catch (ProtocolException e) {
+            assertEquals(410, e.status());
+            assertEquals("task_expired", e.code());
+        }
+        // The round (its one device gave up) is retried at once, not after its 600 s deadline.
+        long began = System.nanoTime();
+        JSONObject again = p.checkin(state);
+        assertEquals(again.toString(), "train", again.getString("action"));
+        assertNotEquals(taskId, again.getJSONObject("task").getString("task_id"));
+        assertTrue((System.nanoTime() - began) / 1e9 < 30);
+    }
+
+    @Test
     public void retryWindowsAreHonoured() throws Exception {
         String token = daemon.submit("windows", Daemon.job("windows", "num_participants: 5", "min_participants: 5",
                 "checkin_wait: 0", "retry_min: 0.4", "retry_max: 0.6"));
