@@ -74,6 +74,7 @@ class Engine:
         self._retiring: set[asyncio.Task[None]] = set()
         self._frozen_digest: dict[str, str] = {}
         self._artifact_keys: dict[str, artifact_spec.ArtifactKey] = {}
+        self._served: dict[str, list[str]] = {}
         registry.on_submit = self._add_initial_model
         registry.on_state_change.append(self._state_changed)
 
@@ -133,6 +134,7 @@ class Engine:
             self.devices.forget_job(name)
             self._frozen_digest.pop(name, None)
             self._artifact_keys.pop(name, None)
+            self._served.pop(name, None)
             if not self.shutting_down:
                 self._start_runner(name)
         elif runner is not None:
@@ -183,8 +185,13 @@ class Engine:
         return found
 
     def served_backends(self, job: str) -> list[str]:
-        """Backends a device can train this job with: the artifact-free ones, then those with artifacts."""
-        return [*artifact_spec.native_backends(self.model_def(job).name), *self.job_artifacts(job)]
+        """Backends a device can train this job with: the artifact-free ones, then those with artifacts.
+        Worked out once per job (every check-in asks), forgotten when the job is submitted again."""
+        served = self._served.get(job)
+        if served is None:
+            served = self._served[job] = [*artifact_spec.native_backends(self.model_def(job).name),
+                                          *self.job_artifacts(job)]
+        return list(served)
 
     def frozen_bytes(self, job: str) -> bytes:
         """The job's frozen tensors as safetensors. Raises NoArtifact for a model without any."""

@@ -42,6 +42,10 @@ def _engine(request: web.Request) -> Engine:
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
+    if request.content.is_eof():
+        # The whole body arrived with the headers (a check-in's usually does): reading it cannot stall, so no
+        # timer is armed (measured: the timer was a tenth of a check-in's CPU).
+        return await json_object(request, MAX_JSON_BODY)
     size = min(request.content_length or MAX_JSON_BODY, MAX_JSON_BODY)
     async with body_deadline(request.app[BODY_TIMEOUTS_KEY], size, BadRequest, lambda: request.content.total_bytes):
         return await json_object(request, MAX_JSON_BODY)
