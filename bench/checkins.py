@@ -17,8 +17,10 @@ not_eligible`` after the whole path (auth, JSON validation, job state, eligibili
 The generator is ours, in this process (one core at most); its CPU time per request is reported, so its
 ceiling (requests per generator CPU-second) can be compared with the rates it was asked for, and when wrk is
 installed the bare handler's capacity is also measured with ``wrk -t1`` (a C client) as a check.
-``python -m bench.checkins --profile`` runs the daemon under cProfile (and ``perf`` when present) at a
-fixed rate and prints where its time goes.
+Not part of ``python -m bench``: ``python -m bench.checkins --sweep 1000,2000,3000`` prints p50/p99 of both
+servers at each rate (where ours crosses 50 ms); ``python -m bench.checkins --profile [--rate R]`` says where
+the daemon's time goes at a fixed rate: its GC time (plain and with ``gc.freeze()``), the CPU time of each
+piece of the check-in path, what ends in reference cycles, cProfile, and ``perf`` when installed.
 """
 
 from __future__ import annotations

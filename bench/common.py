@@ -314,15 +314,25 @@ def workdir(prefix: str) -> Iterator[Path]:
         yield Path(path)
 
 
+def input_shape(num_params: int) -> str:
+    """An ``input_shape`` for :func:`linear_job`'s model of ``num_params`` whose dimensions stay
+    within the config's bound (4096 each).
+    The linear model flattens its input, so the parameters, tensor names and shapes are the same."""
+    inputs = max(1, num_params // 10)
+    for first in range(min(4096, inputs), 0, -1):
+        if inputs % first == 0 and inputs // first <= 4096:
+            return f"{inputs // first} {first} 1"
+    raise ValueError(f"no input_shape of at most 4096 per dimension holds {inputs} inputs")
+
+
 def linear_job(name: str, num_params: int, participants: int, **extra: Any) -> str:
     """A job file for a linear model of about ``num_params`` parameters (10 classes).
 
     Selection opens a phase only when the pool holds every device it selects (long selection window),
     so a benchmark controls exactly who takes part; deadlines are long so that nothing times out.
     """
-    inputs = max(1, num_params // 10)
     keys: dict[str, Any] = {
-        "job_name": name, "model": "linear", "input_shape": f"{inputs} 1 1", "num_classes": 10,
+        "job_name": name, "model": "linear", "input_shape": input_shape(num_params), "num_classes": 10,
         "rounds": 100, "num_participants": participants, "overcommitment": 1.0,
         "min_participants": participants, "test_participants": participants, "eval_interval": 1000,
         "filter_less": 1, "round_deadline": 600, "selection_window": 120, "checkin_wait": 120,

@@ -43,7 +43,6 @@ from bench.common import (
     session,
     workdir,
 )
-from bench.disk import input_shape
 from bench.ingest import make_bodies
 
 UPLOAD_CONCURRENCY = 8
@@ -70,7 +69,7 @@ def rss_parts(pid: int) -> dict[str, int]:
 async def _round(daemon: Daemon, n: int, num_params: int) -> tuple[int, int]:
     """Run one round of ``n`` uploads; (peak RSS before the uploads, peak RSS after the round)."""
     job = f"memory-{n}"
-    token = daemon.submit(linear_job(job, num_params, n, input_shape=input_shape(num_params)))["enrollment_token"]
+    token = daemon.submit(linear_job(job, num_params, n))["enrollment_token"]
     bodies = make_bodies(num_params)
     async with session(n + 8) as s:
         fleet = Fleet(s, daemon.url, job)
