@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what the benchmarks (python -m bench) need beyond scripts/setup.sh: the `bench` extra
-# (Flower, for its aggregate baselines) and wrk (the check-in load generator). Both are optional for
-# `python -m bench --smoke`: without them the Flower baselines are skipped with a note and the check-in
-# benchmark falls back to its built-in aiohttp load generator.
+# (Flower, for its aggregate baselines) and wrk (a C client that cross-checks the check-in benchmark's own
+# open-loop generator). Both are optional: without them the Flower baselines are skipped with a note and
+# the check-in benchmark runs its own generator alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
