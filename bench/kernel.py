@@ -83,11 +83,11 @@ def time_ours(bodies: Sequence[memoryview], specs: Sequence[TensorSpec], group: 
         pending.append(codec.decode_update(body, specs, check_finite=False).flat)
         pending_w.append(w)
         if len(pending) == group:
-            state, finite = aggregate.fedavg_fold_many_checked(state, pending, pending_w)
+            state, finite = aggregate.fedavg_fold_many_checked(state, pending, pending_w, donate=True)
             assert finite
             pending, pending_w = [], []
     if pending:
-        state, finite = aggregate.fedavg_fold_many_checked(state, pending, pending_w)
+        state, finite = aggregate.fedavg_fold_many_checked(state, pending, pending_w, donate=True)
         assert finite
     state.acc.block_until_ready()
     return time.perf_counter() - began

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedscaled import faults
 from fedscaled.core import aggregate
 from fedscaled.core.aligned import aligned_empty
 from fedscaled.core.rounds import Task
@@ -60,16 +61,38 @@ def test_group_with_a_bad_update_commits_the_good_ones_and_restores(tmp_path: Pa
     store.close()
 
 
-def test_failed_commit_leaves_the_sum_and_tasks_as_they_were(tmp_path: Path) -> None:
+def test_failed_commit_leaves_the_sum_and_tasks_as_they_were(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
     store = Store(tmp_path / "s")
     durable = DurableSum(store, "job", 1, SPECS)
     first = task(0)
     asyncio.run(durable.add(first, flat([2.0] * 7), 1.0, first.result))
     before = np.asarray(durable.state.acc).copy()
-    store.close()  # every later commit fails
+    flag = tmp_path / "disk-full"
+    flag.touch()  # every commit fails as on a full disk, while the store stays readable
+    monkeypatch.setitem(faults._paths, "store_full_while", str(flag))
+    second = task(1)
+    with pytest.raises(Exception, match=r"full|space"):
+        asyncio.run(durable.add(second, flat([5.0] * 7), 1.0, second.result))
+    assert not second.done
+    assert durable.accepted == 1
+    # The fold wrote into the accumulator in place; the committed sum was read back.
+    np.testing.assert_array_equal(np.asarray(durable.state.acc), before)
+    flag.unlink()
+    third = task(2)
+    asyncio.run(durable.add(third, flat([4.0] * 7), 1.0, third.result))  # the disk has room again
+    np.testing.assert_allclose(np.asarray(aggregate.fedavg_result(durable.state)), 3.0, rtol=1e-6)
+    store.close()
+
+
+def test_a_commit_that_cannot_even_be_read_back_still_counts_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    durable = DurableSum(store, "job", 1, SPECS)
+    first = task(0)
+    asyncio.run(durable.add(first, flat([2.0] * 7), 1.0, first.result))
+    store.close()  # every later commit fails, and so does reading the committed sum back
     second = task(1)
     with pytest.raises(Exception, match="closed"):
         asyncio.run(durable.add(second, flat([5.0] * 7), 1.0, second.result))
     assert not second.done
     assert durable.accepted == 1
-    np.testing.assert_array_equal(np.asarray(durable.state.acc), before)

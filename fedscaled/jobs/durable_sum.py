@@ -7,7 +7,8 @@ their 2xx. So:
 
 - an update that got a 2xx is in the stored sum (invariant 1), its task is marked done in the same
   transaction, and a restart restores exactly that sum: nothing lost, nothing counted twice;
-- a failed commit leaves the previous sum in place (the fold does not donate it), and every upload of
+- a failed commit puts the previous sum back (read from the store, where it is durable: the fold writes
+  into the accumulator in place, which is 1.4-1.8x faster than into a fresh buffer), and every upload of
   the group gets the error, not a 2xx;
 - disk writes per round are O(model * groups) instead of O(model * participants), and memory stays
   O(model): the old sum, the new one, and the bodies of uploads in flight.
@@ -178,12 +179,16 @@ class DurableSum:
               ) -> tuple[aggregate.FedAvgState, FloatArray, dict[int, InvalidTensor], list[_Folded]]:
         """Fold the group into a new state; (state, its sum as numpy, rejected uploads by index, weights)."""
         folded = [self._plan(p) for p in group]
+        # In place: the accumulator is overwritten, and self.state with it. The last *committed* sum is in the
+        # store, and that is what a failure below (or a failed commit) goes back to (_durable_state).
         new_state, finite = aggregate.fedavg_fold_many_checked(self.state, [p.flat for p in group],
-                                                               [f.weight for f in folded])
+                                                               [f.weight for f in folded], donate=True)
+        self.state = new_state
         rejected: dict[int, InvalidTensor] = {}
         if not finite:
-            # Rare: find the culprits, then fold the others. The old state was not donated, so it is intact.
-            new_state = self.state
+            # Rare: go back to the committed sum, find the culprits, then fold the others (not in place, so
+            # that an overflowing candidate leaves its predecessor intact).
+            new_state = self.state = self._durable_state()
             for index, pending in enumerate(group):
                 error = codec.nonfinite_error(pending.flat, self.specs)
                 candidate, ok = (new_state, False) if error else aggregate.fedavg_fold_many_checked(
@@ -196,10 +201,18 @@ class DurableSum:
                     new_state = candidate
         return new_state, np.asarray(new_state.acc), rejected, folded  # waits for the fold; a view, no copy
 
+    def _durable_state(self) -> aggregate.FedAvgState:
+        """The sum as last committed for this phase (an empty one before the first commit)."""
+        return DurableSum.restore(self.store, self.job, self.phase_id, self.specs, self.plan).state
+
     async def _commit_group(self, group: list[_Pending]) -> None:
         # The fold runs in a worker thread (XLA releases the GIL), so the event loop keeps reading the
         # next uploads off their sockets meanwhile.
-        new_state, acc, rejected, all_folded = await asyncio.to_thread(self._fold, group)
+        try:
+            new_state, acc, rejected, all_folded = await asyncio.to_thread(self._fold, group)
+        except BaseException:
+            self.state = self._durable_state()  # the fold may have written into the accumulator
+            raise
         for index, error in rejected.items():
             group[index].done.set_exception(error)
         folded = [f for index, f in enumerate(all_folded) if index not in rejected]
@@ -223,7 +236,14 @@ class DurableSum:
         for pending in group:
             record = {**pending.task.to_record(), "done": True, "result": pending.result}
             batch.put_json(layout.TASKS_DB, layout.task_key(self.job, pending.task.task_id), record)
-        await self.store.commit(batch)
+        try:
+            await self.store.commit(batch)
+        except BaseException:
+            # Not durable: the uploads get the error, and the sum goes back to the committed one (the fold
+            # wrote into the accumulator in place).
+            del acc, batch
+            self.state = self._durable_state()
+            raise
         for pending in group:
             pending.task.result = pending.result
             pending.task.done = True
