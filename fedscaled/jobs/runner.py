@@ -507,8 +507,9 @@ class JobRunner:
     def inflight(self) -> int:
         """Results of the open phase being received now. Counted from ``receiving`` and the open phase's
         tasks, not kept as a counter: a result of an earlier phase still arriving takes no slot of this
-        one, and every phase starts with none."""
-        return sum(1 for task_id in self.receiving if task_id in self.tasks)
+        one, and every phase starts with none. A task already done is counted as done, not also as in flight:
+        the aggregator marks it done (and counts it) when its commit returns, before its handler releases it."""
+        return sum(1 for task_id in self.receiving if task_id in self.tasks and not self.tasks[task_id].done)
 
     async def abandon(self, device_id: str, task_id: str) -> dict[str, Any]:
         """The device gives its task up: durable, and the phase stops waiting for it. Idempotent."""
