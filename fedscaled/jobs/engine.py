@@ -75,6 +75,7 @@ class Engine:
         self._frozen_digest: dict[str, str] = {}
         self._artifact_keys: dict[str, artifact_spec.ArtifactKey] = {}
         self._served: dict[str, list[str]] = {}
+        self._checkin_counters: dict[tuple[str, str], Any] = {}
         registry.on_submit = self._add_initial_model
         registry.on_state_change.append(self._state_changed)
 
@@ -268,7 +269,7 @@ class Engine:
 
     def authenticate(self, job: str, authorization: str | None) -> str:
         """The device id of a bearer token of ``job``; 403 ``device_revoked`` for a revoked device."""
-        self.registry.get(job)  # unknown job: 404 before 401
+        self.registry.state(job)  # unknown job: 404 before 401
         return self.devices.authenticate(job, authorization)
 
     # ------------------------------------------------------------------ operator actions on devices
@@ -330,7 +331,11 @@ class Engine:
                 frozen = self.frozen_ref(job)
                 if frozen is not None:
                     answer["task"]["frozen"] = frozen
-        self.metrics.checkins.labels(job, answer["action"]).inc()
+        counter = self._checkin_counters.get((job, answer["action"]))
+        if counter is None:  # a label lookup takes a lock and builds a key: once per (job, action)
+            counter = self._checkin_counters[(job, answer["action"])] = self.metrics.checkins.labels(
+                job, answer["action"])
+        counter.inc()
         return answer
 
     def model_info(self, job: str) -> dict[str, Any]:

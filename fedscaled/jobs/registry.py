@@ -97,6 +97,15 @@ class JobRegistry:
         self._records[name] = record
         return record.copy()
 
+    def state(self, name: str) -> str:
+        """The job's state (``pending``, ``running``, ``finished`` …), or JobNotFound; no copy of the record
+        (every check-in and upload asks)."""
+        record = self._stored(name)
+        if record is None:
+            raise JobNotFound(f"no job named {name!r}", job=name)
+        self._records[name] = record
+        return record["state"]
+
     def all(self) -> list[JobRecord]:
         """Every job record, by name."""
         return [self.get(layout.job_name(k)) for k in self.store.scan_keys(layout.JOBS_DB, layout.JOBS_PREFIX)]

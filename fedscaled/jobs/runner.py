@@ -413,9 +413,9 @@ class JobRunner:
     # ------------------------------------------------------------------ check-in
     async def checkin(self, device_id: str, status: DeviceStatus) -> dict[str, Any]:
         """Answer a check-in: the device's open task, a new one after selection, or 'not now'."""
-        record = self.registry.get(self.name)
-        if record["state"] not in ACTIVE_STATES:
-            return {"action": "done", "state": record["state"]}
+        state = self.registry.state(self.name)
+        if state not in ACTIVE_STATES:
+            return {"action": "done", "state": state}
         if self.shutting_down:
             return {"action": "wait", "reason": "shutting_down", "retry_after": SHUTDOWN_RETRY}
         if self._task is not None and self._task.done():
