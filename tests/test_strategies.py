@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedscaled.core import rounds
@@ -229,6 +229,7 @@ def _values(policy: str, hp: dict[str, float]) -> dict[str, Any]:
 @given(policy=st.sampled_from(STATEFUL), p=st.sampled_from([1, 6, 33]), seed=st.integers(0, 2**16),
        lr=st.floats(0.01, 1.0), b1=st.floats(0.5, 0.95), b2=st.floats(0.9, 0.999), tau=st.floats(1e-4, 1e-1),
        momentum=st.floats(0.0, 0.95))
+@example(policy="fed-yogi", p=6, seed=0, lr=1.0, b1=0.5, b2=0.999, tau=0.0625, momentum=0.0)
 def test_three_steps_match_numpy_recurrence(policy: str, p: int, seed: int, lr: float, b1: float, b2: float,
                                             tau: float, momentum: float) -> None:
     hp = {"lr": lr, "b1": b1, "b2": b2, "tau": tau, "momentum": momentum}
@@ -244,7 +245,9 @@ def test_three_steps_match_numpy_recurrence(policy: str, p: int, seed: int, lr: 
         combined = f32(g - moves[t])
         g, state = step(s, state, g, combined)
         ref = ref - update(ref_state, ref - combined.astype(np.float64))
-        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6, err_msg=f"{policy} step {t + 1}")
+        # float32 against float64: the moments' bias correction divides by 1 - b2^t (~1/500 at b2 = 0.999, t = 2),
+        # which magnifies float32 rounding of the second moment; measured up to 2.2e-5 relative (yogi, lr 1).
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5, err_msg=f"{policy} step {t + 1}")
 
 
 # --- 2. fed-avg ----------------------------------------------------------------------------------------
