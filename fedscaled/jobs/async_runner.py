@@ -52,7 +52,7 @@ from fedscaled.jobs import server_state
 from fedscaled.jobs.durable_sum import DurableSum
 from fedscaled.jobs.initial_model import model_of
 from fedscaled.jobs.registry import ACTIVE_STATES, JobRecord, JobRegistry
-from fedscaled.jobs.runner import SHUTDOWN_RETRY, TaskBusy, accepted_answer
+from fedscaled.jobs.runner import SHUTDOWN_RETRY, TaskBusy, accepted_answer, task_answer, update_weight
 from fedscaled.metrics import Metrics
 from fedscaled.store import layout
 from fedscaled.store.lmdb_store import WriteBatch
@@ -429,18 +429,7 @@ class AsyncRunner:
 
     def task_answer(self, task: Task) -> dict[str, Any]:
         """The check-in answer that hands ``task`` to its device."""
-        now = self.clock()
-        if task.kind == TRAIN:
-            config = {"learning_rate": rounds.learning_rate(self.config, task.round),
-                      "local_steps": self.config["local_steps"], "epochs": self.config["epochs"],
-                      "batch_size": self.config["batch_size"], "weight_decay": self.config["weight_decay"],
-                      **self.strategy.task_config()}
-        else:
-            config = {"test_bsz": self.config["test_bsz"]}
-        body = {"task_id": task.task_id, "kind": task.kind, "round": task.round,
-                "model_version": task.model_version, "deadline": task.deadline,
-                "deadline_in": round(max(0.0, task.deadline - now), 3), "config": config}
-        return {"action": task.kind, "task": body}
+        return task_answer(self.config, self.strategy, task, self.clock())
 
     # ------------------------------------------------------------------ results
     def _target(self) -> int:
@@ -523,13 +512,6 @@ class AsyncRunner:
             busy.set_result(None)
         self.wake.set()
 
-    def _weight(self, task: Task, result: dict[str, Any]) -> float:
-        """The update's weight before staleness: 1, or its samples capped at what it reported when chosen."""
-        if self.config["weighting"] == "uniform":
-            return 1.0
-        samples = int(result["samples"])
-        return float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
-
     async def accept_update(self, task: Task, body: memoryview) -> dict[str, Any]:
         """Turn the upload into a delta against its base version and make it durable in the open buffer."""
         decoded = codec.decode_update(body, self.specs, check_finite=False)  # the fold checks the values
@@ -546,7 +528,7 @@ class AsyncRunner:
         base = self._base(task.model_version)
         delta = aligned_empty(base.shape[0])
         np.subtract(decoded.flat, base, out=delta)
-        weight = self._weight(task, result)
+        weight = update_weight(self.config, task, result)  # before staleness
         self._incoming[produces] = self._incoming.get(produces, 0) + 1  # no await since _target(): its room
         try:
             await buffer.add(task, delta, weight * staleness_weight(self.config, staleness),

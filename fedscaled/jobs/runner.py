@@ -27,7 +27,7 @@ from fedscaled.core.results import test_result, update_metadata
 from fedscaled.core.retention import Retention
 from fedscaled.core.rounds import TEST, TRAIN, DeviceStatus, Phase, Task
 from fedscaled.core.selection import selector_for
-from fedscaled.core.strategies import strategy_for
+from fedscaled.core.strategies import ServerStrategy, strategy_for
 from fedscaled.errors import (
     JobNotActive,
     Overloaded,
@@ -68,6 +68,28 @@ class Waiter:
     status: DeviceStatus
     since: float
     answer: asyncio.Future[dict[str, Any]]
+
+
+def task_answer(config: JobConfig, strategy: ServerStrategy, task: Task, now: float) -> dict[str, Any]:
+    """The check-in answer that hands ``task`` to its device (synchronous and asynchronous jobs alike)."""
+    if task.kind == TRAIN:
+        body_config = {"learning_rate": rounds.learning_rate(config, task.round), "local_steps": config["local_steps"],
+                       "epochs": config["epochs"], "batch_size": config["batch_size"],
+                       "weight_decay": config["weight_decay"], **strategy.task_config()}
+    else:
+        body_config = {"test_bsz": config["test_bsz"]}
+    body = {"task_id": task.task_id, "kind": task.kind, "round": task.round, "model_version": task.model_version,
+            "deadline": task.deadline, "deadline_in": round(max(0.0, task.deadline - now), 3), "config": body_config}
+    return {"action": task.kind, "task": body}
+
+
+def update_weight(config: JobConfig, task: Task, result: dict[str, Any]) -> float:
+    """An accepted update's FedAvg weight: 1, or its samples capped at what the device reported when chosen
+    (never trust a phone's claim beyond that)."""
+    if config["weighting"] == "uniform":
+        return 1.0
+    samples = int(result["samples"])
+    return float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
 
 
 def accepted_answer(task: Task, duplicate: bool) -> dict[str, Any]:
@@ -397,18 +419,7 @@ class JobRunner:
 
     def task_answer(self, task: Task) -> dict[str, Any]:
         """The check-in answer that hands ``task`` to its device."""
-        now = self.clock()
-        if task.kind == TRAIN:
-            config = {"learning_rate": rounds.learning_rate(self.config, task.round),
-                      "local_steps": self.config["local_steps"], "epochs": self.config["epochs"],
-                      "batch_size": self.config["batch_size"], "weight_decay": self.config["weight_decay"],
-                      **self.strategy.task_config()}
-        else:
-            config = {"test_bsz": self.config["test_bsz"]}
-        body = {"task_id": task.task_id, "kind": task.kind, "round": task.round,
-                "model_version": task.model_version, "deadline": task.deadline,
-                "deadline_in": round(max(0.0, task.deadline - now), 3), "config": config}
-        return {"action": task.kind, "task": body}
+        return task_answer(self.config, self.strategy, task, self.clock())
 
     # ------------------------------------------------------------------ check-in
     async def checkin(self, device_id: str, status: DeviceStatus) -> dict[str, Any]:
@@ -580,11 +591,7 @@ class JobRunner:
 
     def _weight(self, task: Task, result: dict[str, Any]) -> float:
         """The FedAvg weight of an accepted update."""
-        if self.config["weighting"] == "uniform":
-            return 1.0
-        samples = int(result["samples"])
-        # Never trust a phone's claim beyond what it reported when it was selected.
-        return float(min(samples, task.device_samples)) if task.device_samples > 0 else float(samples)
+        return update_weight(self.config, task, result)
 
     async def accept_result(self, task: Task, body: Any) -> dict[str, Any]:
         """Validate and persist a test task's result counts."""
