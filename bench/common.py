@@ -97,6 +97,8 @@ class Result:
     target_met: bool | None = None
     params: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    # The lowest and highest ratio over the interleaved rounds, where the figure is a median of such rounds.
+    ratio_spread: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if math.isnan(self.ratio):
@@ -152,6 +154,8 @@ def table(results: Sequence[Result]) -> str:
     for r in results:
         mark = "" if r.target_met is None else (" ✓" if r.target_met else " ✗")
         ratio = f"{r.ratio:.2f}" if math.isfinite(r.ratio) else "-"
+        if r.ratio_spread is not None and math.isfinite(r.ratio):
+            ratio += f" ({r.ratio_spread[0]:.2f}–{r.ratio_spread[1]:.2f})"
         lines.append(f"| {r.name} | {fmt(r.value)} | {r.unit} | {r.baseline} | {fmt(r.baseline_value)} | "
                      f"{ratio} | {r.target}{mark} |")
     return "\n".join(lines)
@@ -166,6 +170,41 @@ def best_of(fn: Callable[[], float], repeats: int) -> float:
 def median_of(fn: Callable[[], float], repeats: int) -> float:
     """The median of ``repeats`` calls of ``fn``."""
     return statistics.median(fn() for _ in range(max(1, repeats)))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Seconds of ours and of each baseline over rounds in which every one ran once, in turn."""
+
+    ours: list[float]
+    baselines: dict[str, list[float]]
+
+    def median(self, name: str | None = None) -> float:
+        """The median seconds of ours (``name`` None) or of one baseline."""
+        return statistics.median(self.ours if name is None else self.baselines[name])
+
+    def ratios(self, name: str) -> list[float]:
+        """baseline seconds / ours seconds in each round (> 1: ours is faster), rounds in order."""
+        return [b / o for o, b in zip(self.ours, self.baselines[name], strict=True)]
+
+    def ratio(self, name: str) -> tuple[float, tuple[float, float]]:
+        """The median of the per-round ratios against ``name``, and their lowest and highest."""
+        values = self.ratios(name)
+        return statistics.median(values), (min(values), max(values))
+
+
+def interleaved(ours: Callable[[], float], baselines: dict[str, Callable[[], float]], rounds: int) -> Paired:
+    """Run ours and every baseline once per round, in turn, for ``rounds`` rounds (each call returns seconds).
+
+    On a shared machine a burst of load then hits ours and its baselines alike, and the per-round ratio
+    stays meaningful where the absolute times do not.
+    """
+    paired = Paired([], {name: [] for name in baselines})
+    for _ in range(max(1, rounds)):
+        paired.ours.append(ours())
+        for name, fn in baselines.items():
+            paired.baselines[name].append(fn())
+    return paired
 
 
 def percentile(values: Sequence[float], q: float) -> float:

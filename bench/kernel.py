@@ -5,7 +5,10 @@ data section is 64-byte aligned → ``decode_update`` (validates the header; use
 no copy) → ``fedavg_fold_many_checked`` in groups of 8 (jitted; the same pass says whether every value
 was finite, so the values are read once; the daemon folds the uploads that arrive while a commit
 syncs), for all N, then ``block_until_ready``. The floor is a jitted sum over the same bytes, already
-on the device (and via ``device_put`` from aligned numpy): reading every byte once is the least any aggregation must do.
+on the device (and via ``device_put`` from aligned numpy): reading every byte once is the least any aggregation must
+do. The machine's read bandwidth over the same bytes (one jitted sum over all N at once) is reported too.
+Ours and every baseline run in turn, round after round; each ratio is the median over the rounds, with its
+spread.
 Baselines: Flower's ``aggregate`` (on ndarrays, as FedAvg(inplace=False) calls it after deserializing)
 and ``aggregate_inplace`` (on FitRes with serialized Parameters, as FedAvg's default calls it, including
 the deserialization), and a plain numpy ``acc += w * u`` loop.
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import Profile, Result, best_of
+from bench.common import Profile, Result, best_of, interleaved
 from fedscaled.core import aggregate, codec
 from fedscaled.core.aligned import aligned_at, aligned_empty, as_aligned
 from fedscaled.core.models import TensorSpec, build
@@ -135,9 +138,10 @@ def flower() -> Any | None:
     return (flower_aggregate, Code, FitRes, Status, ndarrays_to_parameters)
 
 
-def time_flower(flats: Sequence[FloatArray], specs: Sequence[TensorSpec], repeats: int
-                ) -> tuple[float, float] | None:
-    """Best seconds of Flower's ``aggregate`` and ``aggregate_inplace`` over the same updates."""
+def flower_timers(flats: Sequence[FloatArray], specs: Sequence[TensorSpec]
+                  ) -> tuple[Callable[[], float], Callable[[], float]] | None:
+    """Timers (each returns seconds) of Flower's ``aggregate`` and ``aggregate_inplace`` over the same updates,
+    or None when flwr is not installed."""
     fl = flower()
     if fl is None:
         return None
@@ -151,7 +155,6 @@ def time_flower(flats: Sequence[FloatArray], specs: Sequence[TensorSpec], repeat
         flower_aggregate.aggregate(results)
         return time.perf_counter() - began
 
-    t_plain = best_of(plain, repeats)
     # FedAvg's default (inplace=True): FitRes carries serialized Parameters; aggregate_inplace
     # deserializes each one (parameters_to_ndarrays) and scales and adds in place. The ClientProxy is
     # unused by the function; None stands in for it.
@@ -164,8 +167,7 @@ def time_flower(flats: Sequence[FloatArray], specs: Sequence[TensorSpec], repeat
         flower_aggregate.aggregate_inplace(fit_results)
         return time.perf_counter() - began
 
-    t_inplace = best_of(inplace, repeats)
-    return t_plain, t_inplace
+    return plain, inplace
 
 
 def _chunks(flats: Sequence[FloatArray], k: int) -> list[jax.Array]:
@@ -232,55 +234,76 @@ def robust(flats: Sequence[FloatArray], k: int, profile: Profile) -> list[Result
     return out
 
 
+# Rounds of the interleaved fedavg comparison: a median needs a few more runs than a best-of.
+MIN_ROUNDS = 5
+# Kernel targets of "Performance, round two" (ratios to the baselines measured in the same run).
+FLOOR_TARGET = 0.7
+FLOWER_PLAIN_TARGET = 3.0
+FLOWER_INPLACE_TARGET = 5.0
+
+
+def fedavg(p: int, n: int, profile: Profile) -> tuple[list[Result], list[FloatArray]]:
+    """The fedavg figures at about ``p`` params and ``n`` updates, and the decoded updates (for the robust
+    kernels). Ours and every baseline run in turn in each round; the ratio is the median of the rounds'."""
+    specs = specs_for(p)
+    total = codec.num_params(specs)
+    bodies, flats = make_updates(specs, n)
+    nbytes = n * total * 4
+    # Warm up every jitted function at this shape (compilation is not part of the figure).
+    time_ours(bodies, specs)
+    device = [jax.device_put(as_aligned(f)) for f in flats]
+    time_floor_device(device[:1])
+    whole = jax.device_put(as_aligned(np.concatenate(flats)))
+    time_floor_device([whole])
+    baselines: dict[str, Callable[[], float]] = {
+        "memory floor: jitted sum per update": partial(time_floor_device, device),
+        "read bandwidth: one jitted sum over all N": partial(time_floor_device, [whole]),
+        "floor via device_put": partial(time_floor_put, flats),
+        "numpy acc += w*u loop": partial(time_numpy, flats),
+    }
+    targets = {"memory floor: jitted sum per update": FLOOR_TARGET}
+    notes = {"read bandwidth: one jitted sum over all N": "the machine's read bandwidth over the same bytes "
+                                                          "(one dispatch, no per-update boundaries)"}
+    timers = flower_timers(flats, specs)
+    if timers is not None:
+        baselines["Flower aggregate (ndarrays)"], baselines["Flower aggregate_inplace (Parameters)"] = timers
+        targets["Flower aggregate (ndarrays)"] = FLOWER_PLAIN_TARGET
+        targets["Flower aggregate_inplace (Parameters)"] = FLOWER_INPLACE_TARGET
+        notes["Flower aggregate (ndarrays)"] = "Flower's input is already deserialized; ours starts from received bytes"
+        notes["Flower aggregate_inplace (Parameters)"] = "includes parameters_to_ndarrays, as FedAvg's default does"
+    rounds = max(MIN_ROUNDS, profile.repeats) if profile.name != "smoke" else 1
+    paired = interleaved(partial(time_ours, bodies, specs), baselines, rounds)
+    label = f"P={total:.0e} N={n}"
+    ours_rate = nbytes / paired.median()
+    results = []
+    for name in baselines:
+        ratio, spread = paired.ratio(name)
+        target = targets.get(name) if p >= 1_000_000 else None
+        result = Result(f"kernel fedavg {label}", ours_rate, "B/s", name, nbytes / paired.median(name),
+                        ratio=ratio, ratio_spread=spread, target=f">= {target}" if target else "",
+                        params={"N": n, "P": total, "bytes": nbytes, "rounds": rounds,
+                                "seconds": paired.ours, "baseline_seconds": paired.baselines[name]},
+                        notes=notes.get(name, ""))
+        result.target_met = None if target is None else ratio >= target
+        results.append(result)
+    if timers is None:
+        results.append(Result(f"kernel fedavg {label}", ours_rate, "B/s", "Flower aggregate", float("nan"),
+                              params={"N": n, "P": total}, notes="skipped: flwr is not installed "
+                              "(bash scripts/setup-bench.sh)"))
+    device.clear()
+    bodies.clear()
+    return results, flats
+
+
 def run(profile: Profile) -> list[Result]:
     """Every kernel figure of the profile."""
     results: list[Result] = []
-    n = profile.kernel_n
     for p in profile.kernel_sizes:
-        specs = specs_for(p)
-        total = codec.num_params(specs)
-        bodies, flats = make_updates(specs, n)
-        nbytes = n * total * 4
-        # Warm up every jitted function at this shape (compilation is not part of the figure).
-        time_ours(bodies[:2], specs)
-        device = [jax.device_put(as_aligned(f)) for f in flats]
-        time_floor_device(device[:1])
-        t_ours = best_of(partial(time_ours, bodies, specs), profile.repeats)
-        t_floor = best_of(partial(time_floor_device, device), profile.repeats)
-        t_put = best_of(partial(time_floor_put, flats), profile.repeats)
-        t_np = best_of(partial(time_numpy, flats), profile.repeats)
-        device.clear()
-        common = {"N": n, "P": total, "bytes": nbytes, "seconds": t_ours}
-        label = f"P={total:.0e} N={n}"
-        results.append(Result(f"kernel fedavg {label}", nbytes / t_ours, "B/s", "memory floor: jitted sum on device",
-                              nbytes / t_floor, target=">= 0.5" if p >= 1_000_000 else "",
-                              params={**common, "floor_seconds": t_floor}))
-        results[-1].target_met = results[-1].ratio >= 0.5 if p >= 1_000_000 else None
-        results.append(Result(f"kernel fedavg {label}", nbytes / t_ours, "B/s", "floor via device_put",
-                              nbytes / t_put, params={**common, "floor_seconds": t_put}))
-        results.append(Result(f"kernel fedavg {label}", nbytes / t_ours, "B/s", "numpy acc += w*u loop",
-                              nbytes / t_np, params={**common, "baseline_seconds": t_np}))
-        fl = time_flower(flats, specs, profile.repeats)
-        if fl is None:
-            results.append(Result(f"kernel fedavg {label}", nbytes / t_ours, "B/s", "Flower aggregate",
-                                  float("nan"), params=common, notes="skipped: flwr is not installed "
-                                  "(bash scripts/setup-bench.sh)"))
-        else:
-            t_plain, t_inplace = fl
-            r = Result(f"kernel fedavg {label}", nbytes / t_ours, "B/s", "Flower aggregate (ndarrays)",
-                       nbytes / t_plain, target=">= 3", params={**common, "baseline_seconds": t_plain},
-                       notes="Flower's input is already deserialized ndarrays; ours starts from received bytes")
-            r.target_met = r.ratio >= 3
-            results.append(r)
-            r = Result(f"kernel fedavg {label}", nbytes / t_ours, "B/s", "Flower aggregate_inplace (Parameters)",
-                       nbytes / t_inplace, target=">= 5", params={**common, "baseline_seconds": t_inplace},
-                       notes="includes parameters_to_ndarrays, as FedAvg's default does")
-            r.target_met = r.ratio >= 5
-            results.append(r)
+        figures, flats = fedavg(p, profile.kernel_n, profile)
+        results += figures
         if p in profile.robust_sizes:
             for k in profile.robust_k:
                 results += robust(flats, k, profile)
-        bodies.clear()
         flats.clear()
         gc.collect()
     return results
