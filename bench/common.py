@@ -155,7 +155,7 @@ def table(results: Sequence[Result]) -> str:
         mark = "" if r.target_met is None else (" ✓" if r.target_met else " ✗")
         ratio = f"{r.ratio:.2f}" if math.isfinite(r.ratio) else "-"
         if r.ratio_spread is not None and math.isfinite(r.ratio):
-            ratio += f" ({r.ratio_spread[0]:.2f}–{r.ratio_spread[1]:.2f})"
+            ratio += f" ({r.ratio_spread[0]:.2f}-{r.ratio_spread[1]:.2f})"
         lines.append(f"| {r.name} | {fmt(r.value)} | {r.unit} | {r.baseline} | {fmt(r.baseline_value)} | "
                      f"{ratio} | {r.target}{mark} |")
     return "\n".join(lines)

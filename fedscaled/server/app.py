@@ -327,12 +327,17 @@ async def abandon(request: web.Request) -> web.Response:
     return web.json_response(await _engine(request).abandon(job, device_id, request.match_info["task_id"]))
 
 
+async def _close_body_pool(app: web.Application) -> None:
+    app[BODY_POOL_KEY].close()
+
+
 def build_device_app(engine: Engine, body_timeouts: BodyTimeouts | None = None) -> web.Application:
     """The aiohttp application for devices; ``body_timeouts`` bound how long a request body may take."""
     # Uploads are streamed by read_body with a per-job limit; client_max_size bounds everything else.
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_JSON_BODY)
     app[ENGINE_KEY] = engine
     app[BODY_POOL_KEY] = BodyPool()
+    app.on_cleanup.append(_close_body_pool)
     app[BODY_TIMEOUTS_KEY] = body_timeouts or BodyTimeouts()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
