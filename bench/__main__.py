@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import checkins, close, disk, ingest, kernel, memory, mobile, startup
+from bench import checkins, close, disk, ingest, kernel, memory, mobile, scale, startup
 from bench.common import PROFILES, RESULTS, Profile, Result, kill_all, table, write_results
 
 BENCHMARKS: dict[str, Callable[[Profile], list[Result]]] = {
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Callable[[Profile], list[Result]]] = {
     "startup": startup.run,
     "mobile": mobile.run,
     "disk": disk.run,
+    "scale": scale.run,
 }
 
 

@@ -54,6 +54,7 @@ class Profile:
     close_sizes: tuple[int, ...]
     close_rounds: int
     startup_repeats: int
+    scale_devices: tuple[int, ...]  # fleet sizes of the scale curve (bench/scale.py)
 
 
 PROFILES = {
@@ -61,19 +62,19 @@ PROFILES = {
                      ingest_sizes=(10_000,), ingest_concurrency=(4,), ingest_uploads=4,
                      memory_participants=(2, 4), memory_params=10_000, checkin_devices=(20,),
                      checkin_connections=10, checkin_seconds=1.0, close_sizes=(10_000,), close_rounds=1,
-                     startup_repeats=1),
+                     startup_repeats=1, scale_devices=(10, 20)),
     "quick": Profile("quick", repeats=3, kernel_sizes=(100_000, 1_000_000, 5_000_000), kernel_n=30,
                      robust_k=(20,), robust_sizes=(1_000_000,), ingest_sizes=(100_000, 1_000_000),
                      ingest_concurrency=(50, 200), ingest_uploads=200, memory_participants=(10, 100),
                      memory_params=1_000_000, checkin_devices=(1_000,), checkin_connections=1_000,
                      checkin_seconds=5.0, close_sizes=(1_000_000, 5_000_000), close_rounds=3,
-                     startup_repeats=3),
+                     startup_repeats=3, scale_devices=(10, 100, 1_000, 10_000)),
     "full": Profile("full", repeats=5, kernel_sizes=(100_000, 1_000_000, 5_000_000), kernel_n=100,
                     robust_k=(20, 50), robust_sizes=(1_000_000, 5_000_000), ingest_sizes=(100_000, 1_000_000),
                     ingest_concurrency=(50, 200), ingest_uploads=400, memory_participants=(10, 100, 1_000),
                     memory_params=1_000_000, checkin_devices=(1_000, 10_000), checkin_connections=1_000,
                     checkin_seconds=10.0, close_sizes=(1_000_000, 5_000_000), close_rounds=5,
-                    startup_repeats=5),
+                    startup_repeats=5, scale_devices=(10, 100, 1_000, 10_000)),
 }
 
 

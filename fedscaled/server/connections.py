@@ -25,7 +25,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -71,12 +71,12 @@ class _Refused(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.write(REFUSAL)
-        if transport.can_write_eof():
-            transport.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
+        # A stream transport (asyncio's, or uvloop's, which does not subclass asyncio.Transport).
+        stream = self._transport = cast(asyncio.Transport, transport)
+        stream.write(REFUSAL)
+        if stream.can_write_eof():
+            stream.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, stream.abort)
 
     def data_received(self, data: bytes) -> None:
         if self._transport is not None:
@@ -104,8 +104,7 @@ class _Tracked(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # asyncio's or uvloop's stream transport
         self._site.connections[self.handler] = self
         self.handler.connection_made(transport)
         loop = asyncio.get_running_loop()
