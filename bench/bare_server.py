@@ -5,6 +5,8 @@ PORT_FILE. Every route answers what the daemon would answer, doing the least aio
 
 - ``PUT .../update`` streams the body and discards it (the fastest way aiohttp can read a body);
 - ``POST .../checkin`` reads the body and returns the daemon's "not eligible" JSON;
+- ``POST .../held-checkin`` reads the body and holds the request (as the daemon holds an eligible device's
+  check-in until the next selection) until ``POST /release``; ``GET /held`` says how many are held;
 - ``GET /healthz`` answers like the daemon's.
 """
 
@@ -40,6 +42,34 @@ async def checkin(request: web.Request) -> web.Response:
     return web.json_response(WAIT_ANSWER)
 
 
+HELD_KEY = web.AppKey("held", dict)
+
+
+async def held_checkin(request: web.Request) -> web.Response:
+    """Read the body, then wait for ``/release`` (bounded: 600 s) and answer a training task."""
+    await request.read()
+    state = request.app[HELD_KEY]
+    state["count"] += 1
+    try:
+        await asyncio.wait_for(state["release"].wait(), timeout=600)
+    finally:
+        state["count"] -= 1
+    return web.json_response({"action": "train", "task": {"task_id": "t", "round": 1}})
+
+
+async def held(request: web.Request) -> web.Response:
+    """How many check-ins are held now."""
+    return web.json_response({"held": request.app[HELD_KEY]["count"]})
+
+
+async def release(request: web.Request) -> web.Response:
+    """Answer every held check-in; later ones are held again."""
+    state = request.app[HELD_KEY]
+    state["release"].set()
+    state["release"] = asyncio.Event()
+    return web.json_response({"released": True})
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness."""
     return web.json_response({"status": "ok", "version": "bare"})
@@ -50,6 +80,10 @@ def build_app() -> web.Application:
     app = web.Application(client_max_size=1 << 30)
     app.router.add_put("/v1/jobs/{job}/tasks/{task_id}/update", upload)
     app.router.add_post("/v1/jobs/{job}/checkin", checkin)
+    app[HELD_KEY] = {"count": 0, "release": asyncio.Event()}
+    app.router.add_post("/v1/jobs/{job}/held-checkin", held_checkin)
+    app.router.add_get("/held", held)
+    app.router.add_post("/release", release)
     app.router.add_get("/healthz", healthz)
     return app
 

@@ -65,7 +65,7 @@ PROFILES = {
                      startup_repeats=1, scale_devices=(10, 20)),
     "quick": Profile("quick", repeats=3, kernel_sizes=(100_000, 1_000_000, 5_000_000), kernel_n=30,
                      robust_k=(20,), robust_sizes=(1_000_000,), ingest_sizes=(100_000, 1_000_000),
-                     ingest_concurrency=(50, 200), ingest_uploads=200, memory_participants=(10, 100),
+                     ingest_concurrency=(50, 200), ingest_uploads=200, memory_participants=(10, 100, 1_000),
                      memory_params=1_000_000, checkin_devices=(1_000,), checkin_connections=1_000,
                      checkin_seconds=5.0, close_sizes=(1_000_000, 5_000_000), close_rounds=3,
                      startup_repeats=3, scale_devices=(10, 100, 1_000, 10_000)),
