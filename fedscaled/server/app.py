@@ -93,26 +93,30 @@ async def enroll(request: web.Request) -> web.Response:
     return web.json_response(answer, status=201)
 
 
+# The check-in fields in the order they are checked: (name, type, lowest, highest); None: unbounded.
+STATUS_FIELDS: tuple[tuple[str, type, int | None, int | None], ...] = (
+    ("battery", int, 0, 100), ("charging", bool, None, None), ("idle", bool, None, None),
+    ("unmetered", bool, None, None), ("free_storage_mb", int, 0, None), ("num_samples", int, 0, None))
+
+
 def parse_status(body: dict[str, Any]) -> DeviceStatus:
     """Validate a check-in body into a DeviceStatus (BadRequest names the field)."""
-    def need(name: str, kind: type, low: int | None = None, high: int | None = None) -> Any:
-        value: Any = body.get(name)
-        if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
-            raise BadRequest(f"check-in field {name!r} must be an integer, got {value!r}", field=name)
-        if kind is bool and not isinstance(value, bool):
-            raise BadRequest(f"check-in field {name!r} must be true or false, got {value!r}", field=name)
-        if kind is int and ((low is not None and value < low) or (high is not None and value > high)):
-            raise BadRequest(f"check-in field {name!r} must be in [{low}, {high}], got {value!r}", field=name)
-        return value
-
     backends = body.get("backends")
     if not isinstance(backends, list) or not all(isinstance(b, str) and len(b) < 32 for b in backends) \
             or len(backends) > 16:
         raise BadRequest(f"check-in field 'backends' must be a list of names, got {backends!r}", field="backends")
-    return DeviceStatus(battery=need("battery", int, 0, 100), charging=need("charging", bool),
-                        idle=need("idle", bool), unmetered=need("unmetered", bool),
-                        free_storage_mb=need("free_storage_mb", int, 0, None),
-                        num_samples=need("num_samples", int, 0, None), backends=tuple(backends))
+    # One plain loop, no helper closure: this runs on every check-in (it was ~3 % of one's CPU).
+    for name, kind, low, high in STATUS_FIELDS:
+        value: Any = body.get(name)
+        if type(value) is not kind:  # exact: a bool is not an integer here, nor an integer a bool
+            what = "an integer" if kind is int else "true or false"
+            raise BadRequest(f"check-in field {name!r} must be {what}, got {value!r}", field=name)
+        number: Any = value  # (the exact-type test above narrows value to object for mypy)
+        if (low is not None and number < low) or (high is not None and number > high):
+            raise BadRequest(f"check-in field {name!r} must be in [{low}, {high}], got {value!r}", field=name)
+    return DeviceStatus(battery=body["battery"], charging=body["charging"], idle=body["idle"],
+                        unmetered=body["unmetered"], free_storage_mb=body["free_storage_mb"],
+                        num_samples=body["num_samples"], backends=tuple(backends))
 
 
 async def checkin(request: web.Request) -> web.Response:
