@@ -36,6 +36,8 @@ class Metrics:
                                 registry=self.registry)
         self.store_full = Gauge("fedscaled_store_full", "1 while store writes fail for lack of disk space",
                                 registry=self.registry)
+        self.body_pool_free = Gauge("fedscaled_body_pool_free_bytes", "Upload receive buffers kept for reuse "
+                                    "(given back after 60 s without uploads)", registry=self.registry)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

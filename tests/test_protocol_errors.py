@@ -113,6 +113,11 @@ def _without_live(status: dict[str, Any]) -> dict[str, Any]:
     return status
 
 
+# Gauges that are not the daemon's state: free disk space moves with whatever else the machine writes, and
+# the body pool keeps a refused upload's receive buffer for the next upload.
+NOT_STATE = ("fedscaled_store_free_bytes", "fedscaled_body_pool_free_bytes")
+
+
 class Env:
     """The module's daemon, a protocol client, and read access to the daemon's store."""
 
@@ -183,10 +188,9 @@ class Env:
             return self.lmdb.begin()
 
     def metrics(self) -> dict[MetricKey, float]:
-        # *_created samples are creation timestamps of label sets, not state; free disk space moves with
-        # whatever else the machine writes.
+        # *_created samples are creation timestamps of label sets, not state; see NOT_STATE for the others.
         return {k: v for k, v in parse_metrics(self.client.metrics_text()).items()
-                if not k[0].endswith("_created") and k[0] != "fedscaled_store_free_bytes"}
+                if not k[0].endswith("_created") and k[0] not in NOT_STATE}
 
     def snapshot(self, job: str) -> Snapshot:
         return Snapshot(self.status(job), self.store_dump(job), self.metrics())
@@ -607,6 +611,17 @@ def test_chunked_upload(env: Env) -> None:
     reply = env.client.request("PUT", path, iter([body[:100], body[100:]]), headers=headers, chunked=True)
     assert reply.status == 200, reply.describe()
     assert reply.body["duplicate"] is False
+
+
+def test_an_uploads_buffer_is_kept_for_the_next_and_shown_in_metrics(env: Env) -> None:
+    # A sized upload is read into a pooled buffer; once the upload is answered the buffer waits for the next
+    # one (given back after 60 s idle), and /metrics says how many bytes are kept.
+    world = env.world("pooled", "train")
+    body = good_body(world)
+    reply = world.upload(world.devices[0], train_task(world, 0), body)
+    assert reply.status == 200, reply.describe()
+    kept = parse_metrics(env.client.metrics_text())[sample_key("fedscaled_body_pool_free_bytes")]
+    assert kept >= len(body)
 
 
 def abort_upload(env: Env, world: World, device: Device, task_id: str, body: bytes) -> Reply | None:

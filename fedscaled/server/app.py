@@ -76,6 +76,7 @@ async def metrics(request: web.Request) -> web.Response:
     engine = _engine(request)
     engine.metrics.store_free.set(engine.store.free_bytes())
     engine.metrics.store_full.set(1 if engine.store.full else 0)
+    engine.metrics.body_pool_free.set(request.app[BODY_POOL_KEY].free_bytes)
     return web.Response(body=engine.metrics.render(), content_type="text/plain",
                         headers={"Cache-Control": "no-store"})
 
