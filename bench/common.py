@@ -369,14 +369,15 @@ def linear_job(name: str, num_params: int, participants: int, **extra: Any) -> s
     """A job file for a linear model of about ``num_params`` parameters (10 classes).
 
     Selection opens a phase only when the pool holds every device it selects (long selection window),
-    so a benchmark controls exactly who takes part; deadlines are long so that nothing times out.
+    so a benchmark controls exactly who takes part; deadlines are long so that nothing times out. Enrollment
+    is not rate-limited: a benchmark enrolls its whole fleet from one address within seconds.
     """
     keys: dict[str, Any] = {
         "job_name": name, "model": "linear", "input_shape": input_shape(num_params), "num_classes": 10,
         "rounds": 100, "num_participants": participants, "overcommitment": 1.0,
         "min_participants": participants, "test_participants": participants, "eval_interval": 1000,
         "filter_less": 1, "round_deadline": 600, "selection_window": 120, "checkin_wait": 120,
-        "retry_min": 1, "retry_max": 2,
+        "retry_min": 1, "retry_max": 2, "enroll_rate_per_token": 0, "enroll_rate_per_address": 0,
     }
     keys.update(extra)
     lines = ["job_conf:"] + [f"  - {k}: {json.dumps(v) if isinstance(v, bool) else v}" for k, v in keys.items()]

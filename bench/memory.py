@@ -76,9 +76,7 @@ def rss_parts(pid: int) -> dict[str, int]:
 async def _round(daemon: Daemon, n: int, num_params: int) -> tuple[int, int]:
     """Run one round of ``n`` uploads; (peak RSS before the uploads, peak RSS after the round)."""
     job = f"memory-{n}"
-    # No enrollment limits: n devices enroll from one address within a second.
-    token = daemon.submit(linear_job(job, num_params, n, enroll_rate_per_token=0,
-                                     enroll_rate_per_address=0))["enrollment_token"]
+    token = daemon.submit(linear_job(job, num_params, n))["enrollment_token"]
     bodies = make_bodies(num_params)
     async with session(n + 8) as s:
         fleet = Fleet(s, daemon.url, job)
