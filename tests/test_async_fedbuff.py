@@ -451,7 +451,7 @@ job_conf:
   - model: mlp
   - input_shape: 8 8 1
   - num_classes: 10
-  - rounds: 20
+  - rounds: 30
   - num_participants: 10
   - max_concurrency: 20
   - learning_rate: 0.1
@@ -481,17 +481,18 @@ def test_digits_mlp_async_end_to_end_with_the_simulator(daemon: DaemonProcess, t
     assert run.returncode == 0, run.stdout + run.stderr
     view = status(daemon, "digits-async")
     assert view["state"] == "finished", view
-    assert view["model_version"] == 20
+    assert view["model_version"] == 30
     metrics = view["metrics"]
-    assert [m["model_version"] for m in metrics] == list(range(1, 21))
+    assert [m["model_version"] for m in metrics] == list(range(1, 31))
     assert all(m["participants"] == 10 for m in metrics), [m["participants"] for m in metrics]
     evaluated = {m["model_version"]: m["test_accuracy"] for m in metrics if m["test_accuracy"] is not None}
-    assert sorted(evaluated) == [5, 10, 15, 20], evaluated
-    # With FedBuff's normaliser (the sum of the pre-staleness weights) the last evaluation measured 0.89, 0.90
-    # and 0.94 in three runs (16 of 16 >= 0.806 in an earlier sweep); with the staleness weights normalising
-    # themselves away it had been >= 0.80 in only ~70 % of 31 runs.
+    assert sorted(evaluated) == [5, 10, 15, 20, 25, 30], evaluated
+    # With FedBuff's normaliser (the sum of the pre-staleness weights) v20 measured 0.87-0.91 in five runs, idle or
+    # under two CPU burners (16 of 16 >= 0.806 in an earlier sweep); with the staleness weights normalising
+    # themselves away it had been >= 0.80 in only ~70 % of 31 runs. One CI run under load reached only 0.77 by
+    # v20 (staler updates learn slower), so the job runs 30 versions and the bounds apply to all of them.
     assert max(evaluated.values()) >= 0.80, evaluated
-    assert evaluated[20] >= 0.75, evaluated
+    assert evaluated[30] >= 0.75, evaluated
     assert view["initial_test"]["test_accuracy"] < 0.5
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     print(f"async digits MLP: accuracy by version {evaluated}, {elapsed:.1f}s")
