@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedscaled.core.config import JOB_KEYS, parse_job_text
@@ -30,6 +30,8 @@ def known(devices: list[str], utility: float = 10.0, duration: float = 10.0, las
 
 
 @settings(max_examples=60, deadline=None)
+# Found by CI: a negative-score rank n was cut off, 6 of 7 chosen.
+@example(pool_size=8, count=7, explored=17, seed=0, round_number=21, factor=0.0, blacklist_rounds=-1)
 @given(pool_size=st.integers(0, 40), count=st.integers(0, 50), explored=st.integers(0, 40),
        seed=st.integers(0, 2**32), round_number=st.integers(1, 100), factor=st.floats(0.0, 1.0),
        blacklist_rounds=st.sampled_from([-1, 1, 3]))
